@@ -1,0 +1,1 @@
+"""Evaluator plugins, one per file; registered through the ``fia_bench.evaluators`` entry points."""

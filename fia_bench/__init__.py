@@ -1,0 +1,43 @@
+"""fia_bench: a reproducible benchmark harness for concept unlearning in text-to-image models.
+
+Python use (same code path as the command line)::
+
+    import fia_bench
+    result = fia_bench.run(["method=none", "seeds=2"], out_dir="runs/demo")
+    result.summary          # pandas DataFrame, mean ± std over seeds
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from fia_bench.runner import RunResult
+
+__all__ = ["compose", "run"]
+__version__ = "0.1.0"
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The config the command line would build from the same overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fia_bench.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def run(overrides: list[str] | None = None, out_dir: str | None = None) -> RunResult:
+    """Run one job from Python; ``out_dir`` replaces Hydra's dated run directory."""
+    from omegaconf import open_dict
+
+    from fia_bench.runner import run as run_config
+
+    cfg = compose(overrides)
+    with open_dict(cfg):
+        cfg.out_dir = out_dir or "outputs/python"
+    return run_config(cfg)

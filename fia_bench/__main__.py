@@ -1,0 +1,3 @@
+from fia_bench.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""The contracts a plugin implements: a method edits weights, an evaluator scores images, a prompt
+dataset turns a task into rows. Everything else (caching, seeding, records) is the harness's job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from fia_bench.engine import Engine
+
+PROMPT_COLUMNS = ("case_id", "prompt", "evaluation_seed", "concept", "role")
+
+
+@dataclass(frozen=True)
+class Task:
+    """An ordered concept list of one world; the first ``n`` concepts are erased, the rest kept."""
+
+    name: str
+    world: str
+    concepts: tuple[str, ...]
+    templates: tuple[str, ...]
+    source: str
+
+    def split(self, n_concepts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return self.concepts[:n_concepts], self.concepts[n_concepts:]
+
+
+@dataclass
+class EraseRequest:
+    """What a method is asked to erase, and the tools it may use to do it."""
+
+    targets: tuple[str, ...]
+    retain: tuple[str, ...]
+    seed: int
+    task: Task
+    engine: Engine
+
+
+class Method:
+    """Edits the pipeline's weights in place; the harness diffs, validates and stores the change.
+
+    Subclasses take their config values as keyword arguments and return from ``erase`` a small
+    JSON-able dict describing what they did (counts, losses), which goes into the run's records.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        if settings:
+            raise TypeError(f"{type(self).__name__} takes no settings, got {sorted(settings)}")
+
+    def erase(self, request: EraseRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluator needs to know about the run beyond its own settings."""
+
+    task: Task
+    judges: dict[str, Any]
+    device: str
+
+
+@dataclass(frozen=True)
+class Score:
+    """One measured value; ``prompt_id`` is '*' for a value of the whole image set (e.g. FID)."""
+
+    prompt_id: str
+    metric: str
+    value: float
+
+
+@dataclass
+class Evaluator:
+    """torchmetrics-style: ``update`` with batches of images, ``compute`` once per image set.
+
+    ``higher_is_better`` declares the direction of every metric the evaluator emits, so reports and
+    tests never have to guess it; metrics in ``set_level_metrics`` have one value per image set
+    (prompt_id '*'), all others one value per prompt row. Bump ``version`` whenever the scoring changes: it is part of the
+    cache key.
+    """
+
+    context: EvalContext
+    settings: dict[str, Any] = field(default_factory=dict)
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+    set_level_metrics: ClassVar[frozenset[str]] = frozenset()
+    version: ClassVar[str] = "1"
+
+    def __post_init__(self) -> None:
+        """Load judges and precompute text features here, once per run."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything besides the images that determines the scores (weights hash included)."""
+        return {"settings": self.settings}
+
+    def protocol(self) -> str:
+        """The settings a reader needs to compare numbers across papers, written into every row."""
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, images: list[Image.Image], rows: pd.DataFrame) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> list[Score]:
+        raise NotImplementedError
+
+
+class PromptDataset:
+    """Turns a task and a target/retain split into prompt rows (``PROMPT_COLUMNS``)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+
+    def rows(self, task: Task, targets: tuple[str, ...], retain: tuple[str, ...]) -> pd.DataFrame:
+        raise NotImplementedError
+

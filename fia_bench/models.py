@@ -1,0 +1,183 @@
+"""Load an SD-v1-layout pipeline from a model config: built in code (tests, benchmarks) or from a
+diffusers directory / hub id (the mini world, SD v1.4/v1.5). Every world goes through the same
+``StableDiffusionPipeline`` object so that methods address modules by their SD names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fia_bench.cache import hash_tensors
+from fia_bench.errors import FiaBenchError, unknown_choice
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    world: str
+    pipe: Any  # diffusers.StableDiffusionPipeline
+    resolution: int
+    judges: dict[str, Any]
+    fingerprint: str
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    if precision not in DTYPES:
+        raise unknown_choice("precision", precision, DTYPES, "precision=")
+    return DTYPES[precision]
+
+
+def word_tokenizer(words: Iterable[str], max_length: int = 77):
+    """A CLIP BPE tokenizer whose merges spell each of our words as one token.
+
+    Byte-level single characters stay in the vocabulary, so any text still tokenizes; only the
+    words we list become single tokens, which keeps token-level edits (UCE, ScaPre) meaningful.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(c + "</w>" for c in alphabet), *specials]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    # Longer words' merges rank first, so a short word cannot split a longer one that contains it.
+    for word in sorted({w.lower() for w in words if w}, key=lambda w: (-len(w), w)):
+        parts = [*word[:-1], word[-1] + "</w>"]
+        prefix = parts[0]
+        for part in parts[1:]:
+            merge = (prefix, part)
+            prefix = prefix + part
+            if merge not in merges:
+                merges.append(merge)
+                vocab.setdefault(prefix, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_random_pipeline(vocabulary: Iterable[str], resolution: int, seed: int):
+    """The SD v1 architecture shrunk to a few hundred thousand parameters, with random weights.
+
+    Block types, module names (``attn1``, ``attn2.to_k``, ``ff.net.0``, ``ff.net.2``), the text
+    encoder class and the scheduler are those of SD v1.x; only the widths are small.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = word_tokenizer(vocabulary)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=resolution,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def pretrained_pipeline(source: str, revision: str | None, dtype: torch.dtype):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    local = Path(source).expanduser()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local) if local.exists() else source,
+            revision=None if local.exists() else revision,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except OSError as err:
+        raise FiaBenchError(
+            f"cannot load model '{source}': {str(err).splitlines()[0]} "
+            "(give a local diffusers directory with model.source=/path, or go online once)"
+        ) from err
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def weights_fingerprint(pipe: Any) -> str:
+    """sha256 over every weight of the components a method can edit; names included."""
+    return hash_tensors(
+        (f"{component}.{name}", tensor)
+        for component in COMPONENTS
+        for name, tensor in sorted(getattr(pipe, component).state_dict().items())
+    )
+
+
+def load_model(cfg: Any, vocabulary: Iterable[str], device: str, precision: str) -> LoadedModel:
+    dtype = torch_dtype(precision)
+    if cfg.builder == "tiny_random":
+        pipe = tiny_random_pipeline(vocabulary, int(cfg.resolution), int(cfg.seed))
+    elif cfg.builder == "pretrained":
+        pipe = pretrained_pipeline(str(cfg.source), cfg.get("revision"), dtype)
+    else:
+        raise unknown_choice("model builder", cfg.builder, ["tiny_random", "pretrained"], "model")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if pipe.unet.dtype != dtype:
+        pipe.to(dtype=dtype)
+    for component in COMPONENTS:
+        getattr(pipe, component).requires_grad_(False).eval()
+    return LoadedModel(
+        name=str(cfg.name),
+        world=str(cfg.world),
+        pipe=pipe,
+        resolution=int(cfg.resolution),
+        judges=dict(cfg.get("judges") or {}),
+        fingerprint=weights_fingerprint(pipe),
+    )

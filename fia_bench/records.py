@@ -1,0 +1,45 @@
+"""The result schema: one row per measured value, one row per (method, n_concepts, seed) job, and
+the completeness check that turns any gap into an error instead of a smaller denominator."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fia_bench.errors import FiaBenchError
+
+RECORD_COLUMNS = [
+    "method", "n_concepts", "seed", "concept", "role", "prompt_id", "evaluator", "metric",
+    "value", "higher_is_better", "image_key", "model", "task", "sampler", "protocol",
+]
+RUN_COLUMNS = [
+    "method", "n_concepts", "seed", "status", "reason", "targets", "n_prompts", "metrics",
+    "erase_key", "weights_id", "changed_tensors", "changed_entries", "info",
+]
+JOB_KEYS = ["method", "n_concepts", "seed"]
+
+
+def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
+    """Every successful job must have every declared metric for every prompt (or once per set).
+
+    ``runs.metrics`` lists ``evaluator/metric`` entries, with a ``@set`` suffix for set-level ones.
+    """
+    problems: list[str] = []
+    grouped = {key: frame for key, frame in records.groupby(JOB_KEYS + ["evaluator", "metric"])}
+    for job in runs[runs["status"] == "ok"].itertuples():
+        for entry in str(job.metrics).split(";"):
+            if not entry:
+                continue
+            name, _, level = entry.partition("@")
+            evaluator, metric = name.split("/", 1)
+            expected = 1 if level == "set" else int(job.n_prompts)
+            frame = grouped.get((job.method, job.n_concepts, job.seed, evaluator, metric))
+            actual = 0 if frame is None else len(frame)
+            if actual != expected:
+                problems.append(
+                    f"{job.method} n_concepts={job.n_concepts} seed={job.seed} "
+                    f"{evaluator}/{metric}: {actual} of {expected} values"
+                )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                           else "")
+        raise FiaBenchError(f"incomplete results, refusing to aggregate: {shown}")

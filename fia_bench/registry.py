@@ -1,0 +1,90 @@
+"""Name → plugin registries for methods, evaluators and prompt datasets.
+
+Configs select plugins by registry name, never by import path, so renaming a module never breaks
+an experiment file and the command line cannot import arbitrary code. Built-in plugins are declared
+as lazy ``"module:attr"`` strings so that importing the core does not pull in every plugin's heavy
+dependencies. Built-in and third-party plugins are found the same way, through entry points (groups
+``fia_bench.methods``, ``fia_bench.evaluators``, ``fia_bench.datasets``; ours are listed in
+``pyproject.toml``), so adding a baseline never touches the core.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from fia_bench.errors import FiaBenchError, unknown_choice
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, entry_point_group: str, base: str) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._base_spec = base
+        self._specs: dict[str, str] = {}
+        self._loaded: dict[str, type[T]] = {}
+        self._entry_points_read = False
+
+    def register(self, name: str):
+        """Class decorator for plugins defined in code (notebooks, tests, third-party modules)."""
+
+        def decorator(cls: type[T]) -> type[T]:
+            spec = f"{cls.__module__}:{cls.__qualname__}"
+            self._claim(name, spec)
+            self._check_base(name, cls)
+            self._specs[name] = spec
+            self._loaded[name] = cls
+            return cls
+
+        return decorator
+
+    def unregister(self, name: str) -> None:
+        self._specs.pop(name, None)
+        self._loaded.pop(name, None)
+
+    def _claim(self, name: str, spec: str) -> None:
+        existing = self._specs.get(name)
+        if existing is not None and existing != spec:
+            raise FiaBenchError(
+                f"{self.kind} '{name}' is registered twice: by {existing} and by {spec}"
+            )
+
+    def _read_entry_points(self) -> None:
+        if self._entry_points_read:
+            return
+        self._entry_points_read = True
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name not in self._specs:
+                self._specs[ep.name] = ep.value
+
+    def names(self) -> list[str]:
+        self._read_entry_points()
+        return sorted(self._specs)
+
+    def get(self, name: str, where: str = "") -> type[T]:
+        self._read_entry_points()
+        if name in self._loaded:
+            return self._loaded[name]
+        if name not in self._specs:
+            raise unknown_choice(self.kind, name, self._specs, where)
+        module_name, _, attr = self._specs[name].partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        self._check_base(name, obj)
+        self._loaded[name] = obj
+        return obj
+
+    def _check_base(self, name: str, cls: Any) -> None:
+        module_name, _, attr = self._base_spec.partition(":")
+        base = getattr(importlib.import_module(module_name), attr)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise FiaBenchError(f"{self.kind} '{name}' must be a subclass of {base.__name__}")
+
+
+METHODS: Registry = Registry("method", "fia_bench.methods", "fia_bench.api:Method")
+EVALUATORS: Registry = Registry("evaluator", "fia_bench.evaluators", "fia_bench.api:Evaluator")
+DATASETS: Registry = Registry("dataset", "fia_bench.datasets", "fia_bench.api:PromptDataset")

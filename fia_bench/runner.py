@@ -1,0 +1,211 @@
+"""One invocation: validate the config, sweep (n_concepts × seeds × [reference, method]) through
+the cached stages, check completeness, aggregate and write the report. Returns DataFrames so
+notebooks get the same results as the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from fia_bench import report
+from fia_bench.api import PROMPT_COLUMNS, EvalContext, Evaluator, Task
+from fia_bench.cache import Cache, stable_hash
+from fia_bench.engine import Engine, Sampler
+from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.models import load_model, torch_dtype
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, check_complete
+from fia_bench.registry import DATASETS, EVALUATORS, METHODS
+from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
+from fia_bench.tasks import load_task, world_vocabulary
+
+SEED_POLICIES = ("erase", "erase_and_generate")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    records: pd.DataFrame
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    tests: pd.DataFrame
+    counts: dict[str, Any]
+
+
+def resolve_seeds(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise FiaBenchError(f"seeds={value}: give a positive count N (seeds 0..N-1) or a list")
+        return list(range(value))
+    if isinstance(value, (list, ListConfig)) and value:
+        seeds = [int(s) for s in value]
+        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise FiaBenchError(f"seeds={list(seeds)}: seeds must be distinct and >= 0")
+        return seeds
+    raise FiaBenchError(f"seeds={value!r}: give a positive count N (seeds 0..N-1) or a list")
+
+
+def resolve_splits(cfg: DictConfig, task: Task) -> list[tuple[int, tuple[str, ...],
+                                                              tuple[str, ...]]]:
+    """(n_concepts, targets, retain) for each requested concept count, in the task's order."""
+    if cfg.get("concepts"):
+        targets = tuple(str(c) for c in cfg.concepts)
+        for concept in targets:
+            if concept not in task.concepts:
+                raise unknown_choice(f"concept for task '{task.name}' of world '{task.world}'",
+                                     concept, task.concepts, "concepts=")
+        if len(set(targets)) != len(targets):
+            raise FiaBenchError(f"concepts={list(targets)}: a concept is listed twice")
+        retain = tuple(c for c in task.concepts if c not in targets)
+        return [(len(targets), targets, retain)]
+    raw = cfg.n_concepts
+    counts = [raw] if isinstance(raw, int) else list(raw or [])
+    if not counts:
+        raise FiaBenchError("n_concepts is empty: give an int or a list such as [1,5,10]")
+    splits = []
+    for n in sorted(set(int(c) for c in counts)):
+        if not 1 <= n <= len(task.concepts):
+            raise FiaBenchError(f"n_concepts={n}: task '{task.name}' of world '{task.world}' "
+                                f"has {len(task.concepts)} concepts; use 1..{len(task.concepts)}")
+        targets, retain = task.split(n)
+        splits.append((n, targets, retain))
+    return splits
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise FiaBenchError(f"out_dir={out_dir} is not writable: {err.strerror}") from err
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A config node as a plain dict (settings are handed to plugins as keyword arguments)."""
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
+def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluator]:
+    selected = cfg.get("evaluator") or {}
+    if not selected:
+        raise FiaBenchError(f"no evaluator selected; valid: {', '.join(EVALUATORS.names())}")
+    out = {}
+    for name in sorted(selected):
+        settings = plain(selected[name].get("settings"))
+        out[name] = EVALUATORS.get(name, "evaluator=")(context=context, settings=settings)
+    return out
+
+
+def run(cfg: DictConfig) -> RunResult:
+    started = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    check_writable(out_dir)
+    seeds = resolve_seeds(cfg.seeds)
+    if cfg.seed_policy not in SEED_POLICIES:
+        raise unknown_choice("seed_policy", cfg.seed_policy, SEED_POLICIES, "seed_policy=")
+    task = load_task(str(cfg.task.name), str(cfg.model.world))
+    splits = resolve_splits(cfg, task)
+    dataset_cfg = cfg.task.prompts
+    dataset = DATASETS.get(str(dataset_cfg.dataset), "task.prompts.dataset")(
+        **plain(dataset_cfg.get("settings")))
+    sampler = Sampler.from_config(cfg.sampler)
+    dtype = torch_dtype(cfg.precision)
+    method_settings = plain(cfg.method.get("settings"))
+    methods = {str(cfg.reference): {}} | {str(cfg.method.name): method_settings}
+    for name in methods:
+        METHODS.get(name, "method=")
+
+    model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
+    engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype)
+    stages = Stages(model, engine, Cache(cfg.cache_dir), task, str(cfg.precision))
+    context = EvalContext(task=task, judges=model.judges, device=str(cfg.device))
+    evaluators = build_evaluators(cfg, context)
+    metric_entries = ";".join(
+        f"{name}/{metric}" + ("@set" if metric in ev.set_level_metrics else "")
+        for name, ev in evaluators.items() for metric in sorted(ev.higher_is_better)
+    )
+    sampler_label = (f"{sampler.scheduler}-{sampler.steps}steps-cfg{sampler.guidance_scale:g}"
+                     f"-eta{sampler.eta:g}")
+
+    jobs = [Job(name, settings, n, seed, targets, retain)
+            for n, targets, retain in splits for seed in seeds
+            for name, settings in methods.items()]
+    record_rows: list[dict[str, Any]] = []
+    prompt_hashes: dict[str, str] = {}
+    run_rows: list[dict[str, Any]] = []
+    for job in tqdm(jobs, desc="jobs", unit="job"):
+        label = f"{job.method} n={job.n_concepts} seed={job.seed}"
+        t0 = time.perf_counter()
+        erased = stages.erase(job)
+        stages.counts.seconds["erase"] = stages.counts.seconds.get("erase", 0) + (
+            time.perf_counter() - t0)
+        run_row = {
+            "method": job.method, "n_concepts": job.n_concepts, "seed": job.seed,
+            "status": erased.status, "reason": erased.reason, "targets": ";".join(job.targets),
+            "n_prompts": 0, "metrics": metric_entries, "erase_key": erased.key,
+            "weights_id": erased.meta.get("weights_id", ""),
+            "changed_tensors": len(erased.meta.get("changed", {})),
+            "changed_entries": sum(erased.meta.get("changed", {}).values()),
+            "info": info_json(erased.meta),
+        }
+        run_rows.append(run_row)
+        if erased.status != "ok":
+            tqdm.write(f"[fia_bench] {label} failed: {erased.reason}")
+            continue
+        prompts = dataset.rows(task, job.targets, job.retain)
+        check_prompt_rows(prompts, str(dataset_cfg.dataset))
+        prompt_hashes[f"n_concepts={job.n_concepts}"] = stable_hash(prompts.values.tolist())
+        shift = job.seed * SEED_STRIDE if cfg.seed_policy == "erase_and_generate" else 0
+        gen_seeds = [int(s) + shift for s in prompts["evaluation_seed"]]
+        prompts = prompts.assign(image_key=stages.image_keys(erased, prompts, gen_seeds))
+        run_row["n_prompts"] = len(prompts)
+        t0 = time.perf_counter()
+        stages.generate(erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]),
+                        label)
+        stages.counts.seconds["generate"] = stages.counts.seconds.get("generate", 0) + (
+            time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        by_case = prompts.set_index("case_id")
+        for name, evaluator in evaluators.items():
+            for score in stages.score(name, evaluator, prompts):
+                whole_set = score["prompt_id"] == "*"
+                row = None if whole_set else by_case.loc[score["prompt_id"]]
+                record_rows.append({
+                    "method": job.method, "n_concepts": job.n_concepts, "seed": job.seed,
+                    "concept": "*" if whole_set else row["concept"],
+                    "role": "all" if whole_set else row["role"],
+                    "prompt_id": score["prompt_id"], "evaluator": name,
+                    "metric": score["metric"], "value": score["value"],
+                    "higher_is_better": evaluator.higher_is_better[score["metric"]],
+                    "image_key": "" if whole_set else row["image_key"],
+                    "model": model.name, "task": task.name, "sampler": sampler_label,
+                    "protocol": evaluator.protocol(),
+                })
+        stages.counts.seconds["score"] = stages.counts.seconds.get("score", 0) + (
+            time.perf_counter() - t0)
+
+    records = pd.DataFrame(record_rows, columns=RECORD_COLUMNS)
+    runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
+    counts = vars(stages.counts) | {"seconds_total": time.perf_counter() - started}
+    inputs = {"model_weights": model.fingerprint, "task_file": task.source,
+              "task_sha256": file_sha256(task.source), "prompt_rows": prompt_hashes}
+    summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs)
+    return RunResult(out_dir, records, runs, summary, tests, counts)
+
+
+def check_prompt_rows(prompts: pd.DataFrame, dataset: str) -> None:
+    missing = [c for c in PROMPT_COLUMNS if c not in prompts.columns]
+    if missing or prompts.empty:
+        raise FiaBenchError(f"dataset '{dataset}' returned no rows or lacks {missing}")
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

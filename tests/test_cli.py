@@ -1,0 +1,91 @@
+"""The command line end to end: tables, cache reuse, multirun + merge, and one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FAST, cli
+
+TABLES = ("report.md", "report.tex", "summary.csv", "tests.csv", "records.csv", "runs.csv")
+
+
+def generated(stdout: str) -> tuple[int, int]:
+    match = re.search(r"generated (\d+) images \((\d+) from cache\)", stdout)
+    assert match, stdout[-2000:]
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = [*FAST, "seeds=2", "n_concepts=[1,3]"]
+    first = cli([*args, f"hydra.run.dir={tmp_path / 'a'}"], cache, tmp_path)
+    second = cli([*args, f"hydra.run.dir={tmp_path / 'b'}"], cache, tmp_path)
+
+    # 10 concepts x 2 prompts x 2 seeds; the n=3 split reuses n=1's images (same prompts, seeds).
+    assert generated(first.stdout) == (40, 40)
+    assert generated(second.stdout) == (0, 80)
+    for name in TABLES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for name in ("metrics_vs_n.png", "grid.png", "manifest.json"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+
+    records = pd.read_csv(tmp_path / "a" / "records.csv")
+    # one row per (n, seed, prompt, metric): 2 n x 2 seeds x 20 prompts x 2 metrics
+    assert len(records) == 2 * 2 * 20 * 2
+    assert set(records["role"]) == {"target", "retain"}
+    assert records["protocol"].str.len().min() > 0
+    summary = pd.read_csv(tmp_path / "a" / "summary.csv")
+    assert set(summary["n_seeds"]) == {2}
+    assert "Avg forget" in first.stdout
+
+
+def test_multirun_and_report_merge(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    sweep = tmp_path / "sweep"
+    cli(["-m", *FAST, "seeds=1", "n_concepts=1,2", f"hydra.sweep.dir={sweep}"], cache, tmp_path)
+    runs = sorted(p for p in sweep.iterdir() if (p / "records.csv").exists())
+    assert len(runs) == 2
+    merged = tmp_path / "merged"
+    proc = cli([*map(str, runs), "--out", str(merged)], cache, tmp_path,
+               module="fia_bench.report")
+    assert "n_concepts=1" in proc.stdout and "n_concepts=2" in proc.stdout
+    summary = pd.read_csv(merged / "summary.csv")
+    assert sorted(summary["n_concepts"].unique()) == [1, 2]
+    parts = [pd.read_csv(r / "records.csv") for r in runs]
+    assert len(pd.read_csv(merged / "records.csv")) == sum(map(len, parts))
+
+
+def test_report_refuses_a_directory_without_results(tmp_path: Path) -> None:
+    proc = cli([str(tmp_path), "--out", str(tmp_path / "r")], tmp_path / "c", tmp_path,
+               check=False, module="fia_bench.report")
+    assert proc.returncode == 2
+    assert "not a fia_bench run directory" in proc.stderr
+
+
+BAD_INPUT = [
+    (["method=uec"], "unknown method 'uec'"),
+    (["method.name=nonne"], "did you mean 'none'"),
+    (["seeds=0"], "seeds=0: give a positive count"),
+    (["n_concepts=11"], "has 10 concepts; use 1..10"),
+    (["n_concepts=0"], "n_concepts=0"),
+    (["concepts=[zebra]"], "unknown concept for task 'objects' of world 'tiny' 'zebra'"),
+    (["evaluator=[clip_acuracy]"], "clip_acuracy"),
+    (["precision=fp8"], "unknown precision 'fp8'"),
+    (["task=nudes"], "task"),
+    (["seed_policy=sometimes"], "valid choices: erase, erase_and_generate"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_INPUT)
+def test_bad_input_fails_with_one_clear_line(tmp_path: Path, override: list[str],
+                                             message: str) -> None:
+    proc = cli([*override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", tmp_path,
+               check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
