@@ -26,21 +26,25 @@ def read_prompt_file(path: str | Path) -> pd.DataFrame:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise FiaBenchError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); "
-                            "save the file as UTF-8") from err
+        raise FiaBenchError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
+        ) from err
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise FiaBenchError(f"{path}:1: missing column(s) {', '.join(missing)}; "
-                            f"found {', '.join(header) or 'no header'}; need {', '.join(REQUIRED)}")
+        raise FiaBenchError(
+            f"{path}:1: missing column(s) {', '.join(missing)}; "
+            f"found {', '.join(header) or 'no header'}; need {', '.join(REQUIRED)}"
+        )
     rows = []
     for line, row in enumerate(reader, start=2):
         try:
             seed = int(row["evaluation_seed"])
         except (TypeError, ValueError):
-            raise FiaBenchError(f"{path}:{line}: evaluation_seed must be an integer, got "
-                                f"'{row['evaluation_seed']}'") from None
+            raise FiaBenchError(
+                f"{path}:{line}: evaluation_seed must be an integer, got '{row['evaluation_seed']}'"
+            ) from None
         if not (row["prompt"] or "").strip() or not (row["concept"] or "").strip():
             raise FiaBenchError(f"{path}:{line}: empty prompt or concept")
         rows.append((str(row["case_id"]), row["prompt"], seed, row["concept"].strip()))

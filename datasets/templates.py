@@ -26,7 +26,13 @@ class TemplatePrompts(PromptDataset):
             for concept in concepts:
                 for i in range(self.per_concept):
                     template = task.templates[i % len(task.templates)]
-                    records.append((f"{concept.replace(' ', '_')}-{i:04d}",
-                                    template.format(concept=concept), self.seed_base + i,
-                                    concept, role))
+                    records.append(
+                        (
+                            f"{concept.replace(' ', '_')}-{i:04d}",
+                            template.format(concept=concept),
+                            self.seed_base + i,
+                            concept,
+                            role,
+                        )
+                    )
         return pd.DataFrame(records, columns=list(PROMPT_COLUMNS))

@@ -26,19 +26,25 @@ class ClipAccuracy(Evaluator):
         self.backbone = load_clip(self.context.judges["clip"], self.context.device)
         self.classes = list(self.context.task.concepts)
         texts = [t.format(c) for c in self.classes for t in self.templates]
-        per_class = self.backbone.text_features(texts).view(len(self.classes), len(self.templates),
-                                                            -1)
+        per_class = self.backbone.text_features(texts).view(
+            len(self.classes), len(self.templates), -1
+        )
         self.class_features = torch.nn.functional.normalize(per_class.mean(1), dim=-1)
         self.reset()
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"settings": self.settings, "judge": self.backbone.fingerprint,
-                "classes": self.classes}
+        return {
+            "settings": self.settings,
+            "judge": self.backbone.fingerprint,
+            "classes": self.classes,
+        }
 
     def protocol(self) -> str:
         judge = self.context.judges["clip"]
-        return (f"clip={judge.get('arch')}/{judge.get('pretrained')}, "
-                f"classes={len(self.classes)}, templates={len(self.templates)}")
+        return (
+            f"clip={judge.get('arch')}/{judge.get('pretrained')}, "
+            f"classes={len(self.classes)}, templates={len(self.templates)}"
+        )
 
     def reset(self) -> None:
         self._scores: list[Score] = []

@@ -79,8 +79,8 @@ class Evaluator:
 
     ``higher_is_better`` declares the direction of every metric the evaluator emits, so reports and
     tests never have to guess it; metrics in ``set_level_metrics`` have one value per image set
-    (prompt_id '*'), all others one value per prompt row. Bump ``version`` whenever the scoring changes: it is part of the
-    cache key.
+    (prompt_id '*'), all others one value per prompt row. Bump ``version`` whenever the scoring
+    changes: it is part of the cache key.
     """
 
     context: EvalContext
@@ -118,4 +118,3 @@ class PromptDataset:
 
     def rows(self, task: Task, targets: tuple[str, ...], retain: tuple[str, ...]) -> pd.DataFrame:
         raise NotImplementedError
-

@@ -92,8 +92,7 @@ def extract(pipe: Any, base: dict[str, torch.Tensor]) -> tuple[Delta, list[str]]
 def apply(pipe: Any, delta: Delta) -> None:
     live = named_tensors(pipe)
     for key, t in delta.tensors.items():
-        kind, name = key.split(":", 1)
-        target = live[name]
+        target = live[key.split(":", 1)[1]]
         if key.startswith(ZERO):
             target.masked_fill_(t.to(target.device), 0)
         else:

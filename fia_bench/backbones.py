@@ -53,7 +53,7 @@ _LOADED: dict[tuple, ClipBackbone] = {}
 
 
 def load_clip(spec: dict[str, Any], device: str) -> ClipBackbone:
-    """``spec``: ``{arch: tiny_random, seed}`` or ``{arch: <open_clip name>, pretrained: <tag>}``."""
+    """``spec`` is ``{arch: tiny_random, seed}`` or ``{arch: <open_clip name>, pretrained}``."""
     import open_clip
 
     key = (tuple(sorted((k, str(v)) for k, v in spec.items())), device)
@@ -63,20 +63,24 @@ def load_clip(spec: dict[str, Any], device: str) -> ClipBackbone:
     if arch == "tiny_random":
         torch.manual_seed(int(spec.get("seed", 0)))
         model = open_clip.CLIP(**TINY_CLIP)
-        preprocess = open_clip.image_transform(TINY_CLIP["vision_cfg"]["image_size"],
-                                               is_train=False)
+        preprocess = open_clip.image_transform(
+            TINY_CLIP["vision_cfg"]["image_size"], is_train=False
+        )
         tokenizer = open_clip.get_tokenizer("ViT-B-32")
     elif arch in open_clip.list_models():
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=spec.get("pretrained"))
+                arch, pretrained=spec.get("pretrained")
+            )
         except (RuntimeError, OSError) as err:
-            raise FiaBenchError(f"cannot load open_clip {arch}/{spec.get('pretrained')}: "
-                                f"{str(err).splitlines()[0]}") from err
+            raise FiaBenchError(
+                f"cannot load open_clip {arch}/{spec.get('pretrained')}: {str(err).splitlines()[0]}"
+            ) from err
         tokenizer = open_clip.get_tokenizer(arch)
     else:
-        raise FiaBenchError(f"unknown CLIP judge arch '{arch}'; use tiny_random or one of "
-                            "open_clip.list_models()")
+        raise FiaBenchError(
+            f"unknown CLIP judge arch '{arch}'; use tiny_random or one of open_clip.list_models()"
+        )
     model.eval().to(device)
     fingerprint = hash_tensors(sorted(model.state_dict().items()))
     _LOADED[key] = ClipBackbone(model, preprocess, tokenizer, fingerprint, torch.device(device))

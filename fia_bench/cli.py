@@ -27,9 +27,11 @@ def hydra_entry(cfg: DictConfig) -> None:
         sys.exit(2)
     print((result.out_dir / "report.md").read_text(encoding="utf-8"))
     counts = result.counts
-    print(f"[fia_bench] {result.out_dir}: generated {counts['images_generated']} images "
-          f"({counts['images_cached']} from cache), {counts['erased']} erasures "
-          f"({counts['erase_cached']} cached), {counts['seconds_total']:.1f} s")
+    print(
+        f"[fia_bench] {result.out_dir}: generated {counts['images_generated']} images "
+        f"({counts['images_cached']} from cache), {counts['erased']} erasures "
+        f"({counts['erase_cached']} cached), {counts['seconds_total']:.1f} s"
+    )
 
 
 def check_group_overrides(argv: list[str]) -> None:

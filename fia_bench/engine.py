@@ -40,8 +40,12 @@ class Sampler:
 
     def cache_identity(self) -> dict[str, Any]:
         """Batch size never changes an image, so it stays out of cache keys."""
-        return {"scheduler": self.scheduler, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "eta": self.eta}
+        return {
+            "scheduler": self.scheduler,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "eta": self.eta,
+        }
 
 
 def make_scheduler(name: str, config: Any):
@@ -57,8 +61,9 @@ def make_scheduler(name: str, config: Any):
 
 
 class Engine:
-    def __init__(self, pipe: Any, sampler: Sampler, resolution: int, device: str,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, pipe: Any, sampler: Sampler, resolution: int, device: str, dtype: torch.dtype
+    ) -> None:
         self.pipe = pipe
         self.sampler = sampler
         self.resolution = resolution
@@ -81,8 +86,13 @@ class Engine:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if missing:
             tokenizer = self.pipe.tokenizer
-            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            ids = tokenizer(
+                missing,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
             hidden = self.pipe.text_encoder(ids)[0]
             self._embeddings.update(zip(missing, hidden, strict=True))
         return torch.stack([self._embeddings[p] for p in prompts])

@@ -4,6 +4,7 @@ diffusers directory / hub id (the mini world, SD v1.4/v1.5). Every world goes th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,33 @@ def torch_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on our word list until every word is a single symbol.
+
+    Encoding replays merges in the order they were learned, which reproduces the training
+    segmentation, so each listed word is exactly one token.
+    """
+    words_split = [[*w[:-1], w[-1] + "</w>"] for w in sorted({w.lower() for w in words if w})]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: dict[tuple[str, str], int] = {}
+        for parts in words_split:
+            for pair in itertools.pairwise(parts):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for parts in words_split:
+            i = 0
+            while i < len(parts) - 1:
+                if (parts[i], parts[i + 1]) == best:
+                    parts[i : i + 2] = [parts[i] + parts[i + 1]]
+                i += 1
+
+
 def word_tokenizer(words: Iterable[str], max_length: int = 77):
-    """A CLIP BPE tokenizer whose merges spell each of our words as one token.
+    """A CLIP BPE tokenizer for our own vocabulary: each listed word is one token.
 
     Byte-level single characters stay in the vocabulary, so any text still tokenizes; only the
     words we list become single tokens, which keeps token-level edits (UCE, ScaPre) meaningful.
@@ -52,22 +78,16 @@ def word_tokenizer(words: Iterable[str], max_length: int = 77):
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
     alphabet = sorted(ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for token in [*alphabet, *(c + "</w>" for c in alphabet), *specials]:
-        vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
-    # Longer words' merges rank first, so a short word cannot split a longer one that contains it.
-    for word in sorted({w.lower() for w in words if w}, key=lambda w: (-len(w), w)):
-        parts = [*word[:-1], word[-1] + "</w>"]
-        prefix = parts[0]
-        for part in parts[1:]:
-            merge = (prefix, part)
-            prefix = prefix + part
-            if merge not in merges:
-                merges.append(merge)
-                vocab.setdefault(prefix, len(vocab))
+    merges = learn_merges(words)
+    tokens = [
+        *alphabet,
+        *(c + "</w>" for c in alphabet),
+        "<|startoftext|>",
+        "<|endoftext|>",
+        *(a + b for a, b in merges),
+    ]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
@@ -77,7 +97,12 @@ def tiny_random_pipeline(vocabulary: Iterable[str], resolution: int, seed: int):
     Block types, module names (``attn1``, ``attn2.to_k``, ``ff.net.0``, ``ff.net.2``), the text
     encoder class and the scheduler are those of SD v1.x; only the widths are small.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = word_tokenizer(vocabulary)

@@ -8,12 +8,36 @@ import pandas as pd
 from fia_bench.errors import FiaBenchError
 
 RECORD_COLUMNS = [
-    "method", "n_concepts", "seed", "concept", "role", "prompt_id", "evaluator", "metric",
-    "value", "higher_is_better", "image_key", "model", "task", "sampler", "protocol",
+    "method",
+    "n_concepts",
+    "seed",
+    "concept",
+    "role",
+    "prompt_id",
+    "evaluator",
+    "metric",
+    "value",
+    "higher_is_better",
+    "image_key",
+    "model",
+    "task",
+    "sampler",
+    "protocol",
 ]
 RUN_COLUMNS = [
-    "method", "n_concepts", "seed", "status", "reason", "targets", "n_prompts", "metrics",
-    "erase_key", "weights_id", "changed_tensors", "changed_entries", "info",
+    "method",
+    "n_concepts",
+    "seed",
+    "status",
+    "reason",
+    "targets",
+    "n_prompts",
+    "metrics",
+    "erase_key",
+    "weights_id",
+    "changed_tensors",
+    "changed_entries",
+    "info",
 ]
 JOB_KEYS = ["method", "n_concepts", "seed"]
 
@@ -24,7 +48,7 @@ def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
     ``runs.metrics`` lists ``evaluator/metric`` entries, with a ``@set`` suffix for set-level ones.
     """
     problems: list[str] = []
-    grouped = {key: frame for key, frame in records.groupby(JOB_KEYS + ["evaluator", "metric"])}
+    grouped = {key: frame for key, frame in records.groupby([*JOB_KEYS, "evaluator", "metric"])}
     for job in runs[runs["status"] == "ok"].itertuples():
         for entry in str(job.metrics).split(";"):
             if not entry:
@@ -40,6 +64,7 @@ def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
                     f"{evaluator}/{metric}: {actual} of {expected} values"
                 )
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
-                                           else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
         raise FiaBenchError(f"incomplete results, refusing to aggregate: {shown}")

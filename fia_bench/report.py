@@ -21,10 +21,22 @@ import pandas as pd
 from fia_bench import stats
 from fia_bench.cache import Cache, read_json, write_json, write_text
 from fia_bench.errors import FiaBenchError
+from fia_bench.loggers import log_run
 from fia_bench.records import JOB_KEYS, RECORD_COLUMNS, RUN_COLUMNS, check_complete
 
-PACKAGES = ("fia_bench", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch",
-            "numpy", "pandas", "scipy", "hydra-core", "safetensors")
+PACKAGES = (
+    "fia_bench",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "numpy",
+    "pandas",
+    "scipy",
+    "hydra-core",
+    "safetensors",
+)
 ROLE_LABEL = {"target": "forget", "retain": "retain", "all": "all"}
 
 
@@ -41,20 +53,36 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
     def esc(text: str) -> str:
-        return (text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%")
-                .replace("_", r"\_").replace("#", r"\#").replace("±", r"$\pm$"))
+        return (
+            text.replace("\\", r"\textbackslash{}")
+            .replace("&", r"\&")
+            .replace("%", r"\%")
+            .replace("_", r"\_")
+            .replace("#", r"\#")
+            .replace("±", r"$\pm$")
+        )
 
     body = [" & ".join(esc(c) for c in header) + r" \\", r"\midrule"]
     body += [" & ".join(esc(c) for c in r) + r" \\" for r in rows]
-    return "\n".join([
-        r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}",
-        r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule", *body,
-        r"\bottomrule", r"\end{tabular}", r"\end{table}", "",
-    ])
+    return "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{esc(caption)}}}",
+            r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}",
+            r"\toprule",
+            *body,
+            r"\bottomrule",
+            r"\end{tabular}",
+            r"\end{table}",
+            "",
+        ]
+    )
 
 
-def concept_tables(records: pd.DataFrame, methods: list[str]) -> list[tuple[str, list[str],
-                                                                            list[list[str]]]]:
+def concept_tables(
+    records: pd.DataFrame, methods: list[str]
+) -> list[tuple[str, list[str], list[list[str]]]]:
     """Paper layout per (n_concepts, per-prompt metric): one row per concept, one column per
     method, then the average forget and retain rows."""
     units = stats.paired_units(records[records["role"] != "all"])
@@ -63,8 +91,7 @@ def concept_tables(records: pd.DataFrame, methods: list[str]) -> list[tuple[str,
         per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(["mean", "std"])
         order = {c: i for i, c in enumerate(records["concept"].unique())}  # the task's order
         targets = sorted(frame.loc[frame["role"] == "target", "concept"].unique(), key=order.get)
-        retained = sorted(frame.loc[frame["role"] == "retain", "concept"].unique(),
-                          key=order.get)
+        retained = sorted(frame.loc[frame["role"] == "retain", "concept"].unique(), key=order.get)
         rows = []
         for role, concepts in (("target", targets), ("retain", retained)):
             for concept in concepts:
@@ -73,41 +100,83 @@ def concept_tables(records: pd.DataFrame, methods: list[str]) -> list[tuple[str,
                     key = (m, concept, role)
                     cells.append(cell(*per_concept.loc[key]) if key in per_concept.index else "—")
                 rows.append([f"{concept} ({ROLE_LABEL[role]})", *cells])
-        seeds = stats.seed_values(records[(records["n_concepts"] == n)
-                                          & (records["evaluator"] == evaluator)
-                                          & (records["metric"] == metric)])
+        seeds = stats.seed_values(
+            records[
+                (records["n_concepts"] == n)
+                & (records["evaluator"] == evaluator)
+                & (records["metric"] == metric)
+            ]
+        )
         for role in ("target", "retain"):
             avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(["mean", "std"])
             if not avg.empty:
-                rows.append([f"**Avg {ROLE_LABEL[role]}**",
-                             *(cell(*avg.loc[m]) if m in avg.index else "—" for m in methods)])
-        tables.append((f"n_concepts={n} · {evaluator}/{metric} (mean ± std over seeds)",
-                       ["concept", *methods], rows))
+                rows.append(
+                    [
+                        f"**Avg {ROLE_LABEL[role]}**",
+                        *(cell(*avg.loc[m]) if m in avg.index else "—" for m in methods),
+                    ]
+                )
+        tables.append(
+            (
+                f"n_concepts={n} · {evaluator}/{metric} (mean ± std over seeds)",
+                ["concept", *methods],
+                rows,
+            )
+        )
     return tables
 
 
 def summary_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     header = ["method", "n_concepts", "evaluator/metric", "role", "mean ± std", "seeds", "n"]
     rows = [
-        [r.method, str(r.n_concepts), f"{r.evaluator}/{r.metric}", ROLE_LABEL[r.role],
-         cell(r.mean, r.std), str(r.n_seeds), str(r.n_samples)]
+        [
+            r.method,
+            str(r.n_concepts),
+            f"{r.evaluator}/{r.metric}",
+            ROLE_LABEL[r.role],
+            cell(r.mean, r.std),
+            str(r.n_seeds),
+            str(r.n_samples),
+        ]
         for r in summary.itertuples()
     ]
     return header, rows
 
 
 def test_rows(tests: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    header = ["n", "evaluator/metric", "role", "A vs B", "pairs", "mean diff", "W", "p",
-              "p (Holm)", "effect r", "test", "warning"]
+    header = [
+        "n",
+        "evaluator/metric",
+        "role",
+        "A vs B",
+        "pairs",
+        "mean diff",
+        "W",
+        "p",
+        "p (Holm)",
+        "effect r",
+        "test",
+        "warning",
+    ]
 
     def num(x: float, fmt: str = ".4g") -> str:
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
     rows = [
-        [str(r.n_concepts), f"{r.evaluator}/{r.metric}", ROLE_LABEL[r.role],
-         f"{r.method_a} vs {r.method_b}", str(r.n_pairs), num(r.mean_diff, ".3f"),
-         num(r.statistic), num(r.p_value), num(r.p_holm), num(r.effect_size, ".3f"),
-         str(r.method_p), str(r.warning)]
+        [
+            str(r.n_concepts),
+            f"{r.evaluator}/{r.metric}",
+            ROLE_LABEL[r.role],
+            f"{r.method_a} vs {r.method_b}",
+            str(r.n_pairs),
+            num(r.mean_diff, ".3f"),
+            num(r.statistic),
+            num(r.p_value),
+            num(r.p_holm),
+            num(r.effect_size, ".3f"),
+            str(r.method_p),
+            str(r.warning),
+        ]
         for r in tests.itertuples()
     ]
     return header, rows
@@ -127,12 +196,18 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
     for ax, ((evaluator, metric, role), frame) in zip(axes.flat, panels, strict=False):
         for method, line in frame.groupby("method"):
             line = line.sort_values("n_concepts")
-            ax.errorbar(line["n_concepts"], line["mean"], yerr=line["std"].fillna(0),
-                        marker="o", capsize=3, label=method)
+            ax.errorbar(
+                line["n_concepts"],
+                line["mean"],
+                yerr=line["std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=method,
+            )
         ax.set_title(f"{evaluator}/{metric} ({ROLE_LABEL[role]})", fontsize=9)
         ax.set_xlabel("concepts erased")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
@@ -149,13 +224,15 @@ def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts
     n = images["n_concepts"].max()
     images = images[(images["n_concepts"] == n) & (images["seed"] == images["seed"].min())]
     methods = sorted(images["method"].unique(), key=lambda m: (m != "none", m))
-    first = images.drop_duplicates("concept").sort_values(["role", "prompt_id"],
-                                                          ascending=[False, True])
+    first = images.drop_duplicates("concept").sort_values(
+        ["role", "prompt_id"], ascending=[False, True]
+    )
     prompt_ids = list(first["prompt_id"].head(n_prompts))
     keys = images.drop_duplicates(["method", "prompt_id"]).set_index(["method", "prompt_id"])
     tile, label_w, head_h = 96, 220, 24
-    grid = Image.new("RGB", (label_w + tile * len(methods), head_h + tile * len(prompt_ids)),
-                     "white")
+    grid = Image.new(
+        "RGB", (label_w + tile * len(methods), head_h + tile * len(prompt_ids)), "white"
+    )
     draw = ImageDraw.Draw(grid)
     for j, method in enumerate(methods):
         draw.text((label_w + j * tile + 4, 6), method, fill="black")
@@ -165,8 +242,14 @@ def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts
             if (method, pid) not in keys.index:
                 continue
             key = keys.loc[(method, pid), "image_key"]
-            found = next((c.path("images", key, ".png") for c in caches
-                          if c.path("images", key, ".png").exists()), None)
+            found = next(
+                (
+                    c.path("images", key, ".png")
+                    for c in caches
+                    if c.path("images", key, ".png").exists()
+                ),
+                None,
+            )
             if found is not None:
                 img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
                 grid.paste(img, (label_w + j * tile, head_h + i * tile))
@@ -179,8 +262,9 @@ def git_state() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -198,9 +282,15 @@ def versions() -> dict[str, str]:
 
 
 # ---- writing -------------------------------------------------------------------------------
-def write_report(out_dir: Path, records: pd.DataFrame, runs: pd.DataFrame, caches: list[Cache],
-                 alpha: float, grid_prompts: int, reference: str = "none") -> tuple[pd.DataFrame,
-                                                                                pd.DataFrame]:
+def write_report(
+    out_dir: Path,
+    records: pd.DataFrame,
+    runs: pd.DataFrame,
+    caches: list[Cache],
+    alpha: float,
+    grid_prompts: int,
+    reference: str = "none",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     check_complete(records, runs)
     summary = stats.summarize(records)
     tests = stats.wilcoxon_tests(records, reference=reference, alpha=alpha)
@@ -213,8 +303,9 @@ def write_report(out_dir: Path, records: pd.DataFrame, runs: pd.DataFrame, cache
     methods = sorted(records["method"].unique(), key=lambda m: (m != reference, m))
     md = ["# fia_bench report", ""]
     meta = records[["model", "task", "sampler"]].drop_duplicates()
-    md += [f"model `{r.model}` · task `{r.task}` · sampler `{r.sampler}`" for r in
-           meta.itertuples()]
+    md += [
+        f"model `{r.model}` · task `{r.task}` · sampler `{r.sampler}`" for r in meta.itertuples()
+    ]
     protocols = records[["evaluator", "protocol"]].drop_duplicates()
     md += ["", *(f"- `{r.evaluator}`: {r.protocol}" for r in protocols.itertuples()), ""]
     tex = []
@@ -224,20 +315,37 @@ def write_report(out_dir: Path, records: pd.DataFrame, runs: pd.DataFrame, cache
     header, rows = summary_rows(summary)
     md += ["## Summary (mean ± sample std over seeds)", "", markdown_table(header, rows), ""]
     header, rows = test_rows(tests)
-    md += [f"## Wilcoxon signed-rank tests (paired over concept × seed, Holm within each "
-           f"n/metric/role, α = {alpha})", "", markdown_table(header, rows), ""]
+    md += [
+        f"## Wilcoxon signed-rank tests (paired over concept × seed, Holm within each "
+        f"n/metric/role, α = {alpha})",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
     small = tests[tests["warning"] != ""]
     if len(small):
-        md += [f"> **Warning**: {len(small)} comparison(s) cannot reach p < {alpha} or have no "
-               "usable pairs; see the warning column. Add seeds or concepts.", ""]
+        md += [
+            f"> **Warning**: {len(small)} comparison(s) cannot reach p < {alpha} or have no "
+            "usable pairs; see the warning column. Add seeds or concepts.",
+            "",
+        ]
     failed = runs[runs["status"] != "ok"]
     if len(failed):
-        md += ["## Failed runs", "", markdown_table(
-            ["method", "n_concepts", "seed", "reason"],
-            [[r.method, str(r.n_concepts), str(r.seed), r.reason] for r in failed.itertuples()]),
-            ""]
-    md += ["![metrics against the number of erased concepts](metrics_vs_n.png)", "",
-           "![prompts × methods](grid.png)", ""]
+        md += [
+            "## Failed runs",
+            "",
+            markdown_table(
+                ["method", "n_concepts", "seed", "reason"],
+                [[r.method, str(r.n_concepts), str(r.seed), r.reason] for r in failed.itertuples()],
+            ),
+            "",
+        ]
+    md += [
+        "![metrics against the number of erased concepts](metrics_vs_n.png)",
+        "",
+        "![prompts × methods](grid.png)",
+        "",
+    ]
     write_text(out_dir / "report.md", "\n".join(md))
     write_text(out_dir / "report.tex", "\n".join(tex))
     if not summary.empty:
@@ -246,20 +354,40 @@ def write_report(out_dir: Path, records: pd.DataFrame, runs: pd.DataFrame, cache
     return summary, tests
 
 
-def write_run(out_dir: Path, cfg: Any, records: pd.DataFrame, runs: pd.DataFrame,
-              counts: dict[str, Any], inputs: dict[str, Any]) -> tuple[pd.DataFrame,
-                                                                      pd.DataFrame]:
+def write_run(
+    out_dir: Path,
+    cfg: Any,
+    records: pd.DataFrame,
+    runs: pd.DataFrame,
+    counts: dict[str, Any],
+    inputs: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     from omegaconf import OmegaConf
 
-    summary, tests = write_report(out_dir, records, runs, [Cache(cfg.cache_dir)],
-                                  float(cfg.report.alpha), int(cfg.report.grid_prompts),
-                                  str(cfg.reference))
-    write_json(out_dir / "manifest.json", {
-        "command": sys.argv, "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": versions(), "git": git_state(), "python": sys.version.split()[0],
-        "platform": platform.platform(), "inputs": inputs, "counts": counts,
-        "seeds": sorted(set(int(s) for s in runs["seed"])),
-    })
+    summary, tests = write_report(
+        out_dir,
+        records,
+        runs,
+        [Cache(cfg.cache_dir)],
+        float(cfg.report.alpha),
+        int(cfg.report.grid_prompts),
+        str(cfg.reference),
+    )
+    write_json(
+        out_dir / "manifest.json",
+        {
+            "command": sys.argv,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "versions": versions(),
+            "git": git_state(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "inputs": inputs,
+            "counts": counts,
+            "seeds": sorted(set(int(s) for s in runs["seed"])),
+        },
+    )
+    log_run(cfg, out_dir, summary, tests)
     return summary, tests
 
 
@@ -272,8 +400,14 @@ def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache]
         for name in ("records.csv", "runs.csv", "manifest.json"):
             if not (d / name).is_file():
                 raise FiaBenchError(f"{d} is not a fia_bench run directory (no {name})")
-        records.append(pd.read_csv(d / "records.csv", keep_default_na=False,
-                                   na_values=[""], dtype={"prompt_id": str, "image_key": str}))
+        records.append(
+            pd.read_csv(
+                d / "records.csv",
+                keep_default_na=False,
+                na_values=[""],
+                dtype={"prompt_id": str, "image_key": str},
+            )
+        )
         runs.append(pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[]))
         manifest = read_json(d / "manifest.json")
         caches.append(Cache(manifest["config"]["cache_dir"]))
@@ -285,16 +419,20 @@ def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache]
     clash = merged[merged.duplicated(key, keep=False)]
     if len(clash):
         r = clash.iloc[0]
-        raise FiaBenchError(f"runs disagree on {r.method} n_concepts={r.n_concepts} "
-                            f"seed={r.seed} {r.evaluator}/{r.metric} {r.prompt_id}: merge only "
-                            "runs of the same model, task, sampler and protocol")
+        raise FiaBenchError(
+            f"runs disagree on {r.method} n_concepts={r.n_concepts} "
+            f"seed={r.seed} {r.evaluator}/{r.metric} {r.prompt_id}: merge only "
+            "runs of the same model, task, sampler and protocol"
+        )
     all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
     return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fia_bench.report",
-                                     description="Merge fia_bench run directories into one report.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fia_bench.report",
+        description="Merge fia_bench run directories into one report.",
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with records.csv)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     parser.add_argument("--alpha", type=float, default=0.05)
@@ -304,13 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records, runs, caches, configs = load_runs(args.runs)
         records = records.sort_values(
-            ["method", "n_concepts", "seed", "evaluator", "metric", "prompt_id"],
-            kind="mergesort").reset_index(drop=True)
+            ["method", "n_concepts", "seed", "evaluator", "metric", "prompt_id"], kind="mergesort"
+        ).reset_index(drop=True)
         runs = runs.sort_values(JOB_KEYS, kind="mergesort").reset_index(drop=True)
-        write_report(args.out, records, runs, caches, args.alpha, args.grid_prompts,
-                     args.reference)
-        write_json(args.out / "manifest.json", {"merged_runs": configs, "versions": versions(),
-                                                "git": git_state()})
+        write_report(args.out, records, runs, caches, args.alpha, args.grid_prompts, args.reference)
+        write_json(
+            args.out / "manifest.json",
+            {"merged_runs": configs, "versions": versions(), "git": git_state()},
+        )
     except FiaBenchError as err:
         print(f"fia_bench.report: error: {err}", file=sys.stderr)
         return 2

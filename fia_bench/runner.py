@@ -20,7 +20,7 @@ from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, torch_dtype
-from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, check_complete
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS
 from fia_bench.registry import DATASETS, EVALUATORS, METHODS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
@@ -51,15 +51,20 @@ def resolve_seeds(value: Any) -> list[int]:
     raise FiaBenchError(f"seeds={value!r}: give a positive count N (seeds 0..N-1) or a list")
 
 
-def resolve_splits(cfg: DictConfig, task: Task) -> list[tuple[int, tuple[str, ...],
-                                                              tuple[str, ...]]]:
+def resolve_splits(
+    cfg: DictConfig, task: Task
+) -> list[tuple[int, tuple[str, ...], tuple[str, ...]]]:
     """(n_concepts, targets, retain) for each requested concept count, in the task's order."""
     if cfg.get("concepts"):
         targets = tuple(str(c) for c in cfg.concepts)
         for concept in targets:
             if concept not in task.concepts:
-                raise unknown_choice(f"concept for task '{task.name}' of world '{task.world}'",
-                                     concept, task.concepts, "concepts=")
+                raise unknown_choice(
+                    f"concept for task '{task.name}' of world '{task.world}'",
+                    concept,
+                    task.concepts,
+                    "concepts=",
+                )
         if len(set(targets)) != len(targets):
             raise FiaBenchError(f"concepts={list(targets)}: a concept is listed twice")
         retain = tuple(c for c in task.concepts if c not in targets)
@@ -71,8 +76,10 @@ def resolve_splits(cfg: DictConfig, task: Task) -> list[tuple[int, tuple[str, ..
     splits = []
     for n in sorted(set(int(c) for c in counts)):
         if not 1 <= n <= len(task.concepts):
-            raise FiaBenchError(f"n_concepts={n}: task '{task.name}' of world '{task.world}' "
-                                f"has {len(task.concepts)} concepts; use 1..{len(task.concepts)}")
+            raise FiaBenchError(
+                f"n_concepts={n}: task '{task.name}' of world '{task.world}' "
+                f"has {len(task.concepts)} concepts; use 1..{len(task.concepts)}"
+            )
         targets, retain = task.split(n)
         splits.append((n, targets, retain))
     return splits
@@ -115,7 +122,8 @@ def run(cfg: DictConfig) -> RunResult:
     splits = resolve_splits(cfg, task)
     dataset_cfg = cfg.task.prompts
     dataset = DATASETS.get(str(dataset_cfg.dataset), "task.prompts.dataset")(
-        **plain(dataset_cfg.get("settings")))
+        **plain(dataset_cfg.get("settings"))
+    )
     sampler = Sampler.from_config(cfg.sampler)
     dtype = torch_dtype(cfg.precision)
     method_settings = plain(cfg.method.get("settings"))
@@ -130,14 +138,19 @@ def run(cfg: DictConfig) -> RunResult:
     evaluators = build_evaluators(cfg, context)
     metric_entries = ";".join(
         f"{name}/{metric}" + ("@set" if metric in ev.set_level_metrics else "")
-        for name, ev in evaluators.items() for metric in sorted(ev.higher_is_better)
+        for name, ev in evaluators.items()
+        for metric in sorted(ev.higher_is_better)
     )
-    sampler_label = (f"{sampler.scheduler}-{sampler.steps}steps-cfg{sampler.guidance_scale:g}"
-                     f"-eta{sampler.eta:g}")
+    sampler_label = (
+        f"{sampler.scheduler}-{sampler.steps}steps-cfg{sampler.guidance_scale:g}-eta{sampler.eta:g}"
+    )
 
-    jobs = [Job(name, settings, n, seed, targets, retain)
-            for n, targets, retain in splits for seed in seeds
-            for name, settings in methods.items()]
+    jobs = [
+        Job(name, settings, n, seed, targets, retain)
+        for n, targets, retain in splits
+        for seed in seeds
+        for name, settings in methods.items()
+    ]
     record_rows: list[dict[str, Any]] = []
     prompt_hashes: dict[str, str] = {}
     run_rows: list[dict[str, Any]] = []
@@ -146,11 +159,18 @@ def run(cfg: DictConfig) -> RunResult:
         t0 = time.perf_counter()
         erased = stages.erase(job)
         stages.counts.seconds["erase"] = stages.counts.seconds.get("erase", 0) + (
-            time.perf_counter() - t0)
+            time.perf_counter() - t0
+        )
         run_row = {
-            "method": job.method, "n_concepts": job.n_concepts, "seed": job.seed,
-            "status": erased.status, "reason": erased.reason, "targets": ";".join(job.targets),
-            "n_prompts": 0, "metrics": metric_entries, "erase_key": erased.key,
+            "method": job.method,
+            "n_concepts": job.n_concepts,
+            "seed": job.seed,
+            "status": erased.status,
+            "reason": erased.reason,
+            "targets": ";".join(job.targets),
+            "n_prompts": 0,
+            "metrics": metric_entries,
+            "erase_key": erased.key,
             "weights_id": erased.meta.get("weights_id", ""),
             "changed_tensors": len(erased.meta.get("changed", {})),
             "changed_entries": sum(erased.meta.get("changed", {}).values()),
@@ -168,35 +188,50 @@ def run(cfg: DictConfig) -> RunResult:
         prompts = prompts.assign(image_key=stages.image_keys(erased, prompts, gen_seeds))
         run_row["n_prompts"] = len(prompts)
         t0 = time.perf_counter()
-        stages.generate(erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]),
-                        label)
+        stages.generate(
+            erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]), label
+        )
         stages.counts.seconds["generate"] = stages.counts.seconds.get("generate", 0) + (
-            time.perf_counter() - t0)
+            time.perf_counter() - t0
+        )
         t0 = time.perf_counter()
         by_case = prompts.set_index("case_id")
         for name, evaluator in evaluators.items():
             for score in stages.score(name, evaluator, prompts):
                 whole_set = score["prompt_id"] == "*"
                 row = None if whole_set else by_case.loc[score["prompt_id"]]
-                record_rows.append({
-                    "method": job.method, "n_concepts": job.n_concepts, "seed": job.seed,
-                    "concept": "*" if whole_set else row["concept"],
-                    "role": "all" if whole_set else row["role"],
-                    "prompt_id": score["prompt_id"], "evaluator": name,
-                    "metric": score["metric"], "value": score["value"],
-                    "higher_is_better": evaluator.higher_is_better[score["metric"]],
-                    "image_key": "" if whole_set else row["image_key"],
-                    "model": model.name, "task": task.name, "sampler": sampler_label,
-                    "protocol": evaluator.protocol(),
-                })
+                record_rows.append(
+                    {
+                        "method": job.method,
+                        "n_concepts": job.n_concepts,
+                        "seed": job.seed,
+                        "concept": "*" if whole_set else row["concept"],
+                        "role": "all" if whole_set else row["role"],
+                        "prompt_id": score["prompt_id"],
+                        "evaluator": name,
+                        "metric": score["metric"],
+                        "value": score["value"],
+                        "higher_is_better": evaluator.higher_is_better[score["metric"]],
+                        "image_key": "" if whole_set else row["image_key"],
+                        "model": model.name,
+                        "task": task.name,
+                        "sampler": sampler_label,
+                        "protocol": evaluator.protocol(),
+                    }
+                )
         stages.counts.seconds["score"] = stages.counts.seconds.get("score", 0) + (
-            time.perf_counter() - t0)
+            time.perf_counter() - t0
+        )
 
     records = pd.DataFrame(record_rows, columns=RECORD_COLUMNS)
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
     counts = vars(stages.counts) | {"seconds_total": time.perf_counter() - started}
-    inputs = {"model_weights": model.fingerprint, "task_file": task.source,
-              "task_sha256": file_sha256(task.source), "prompt_rows": prompt_hashes}
+    inputs = {
+        "model_weights": model.fingerprint,
+        "task_file": task.source,
+        "task_sha256": file_sha256(task.source),
+        "prompt_rows": prompt_hashes,
+    }
     summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs)
     return RunResult(out_dir, records, runs, summary, tests, counts)
 

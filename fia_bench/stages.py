@@ -61,8 +61,9 @@ class StageCounts:
 
 
 class Stages:
-    def __init__(self, model: LoadedModel, engine: Engine, cache: Cache, task: Task,
-                 precision: str) -> None:
+    def __init__(
+        self, model: LoadedModel, engine: Engine, cache: Cache, task: Task, precision: str
+    ) -> None:
         self.model = model
         self.engine = engine
         self.cache = cache
@@ -73,11 +74,19 @@ class Stages:
 
     # ---- erase -----------------------------------------------------------------------------
     def erase(self, job: Job) -> Erased:
-        key = stable_hash({
-            "stage": "erase", "model": self.model.fingerprint, "precision": self.precision,
-            "method": job.method, "settings": job.settings, "targets": job.targets,
-            "retain": job.retain, "seed": job.seed, "task": self.task.name,
-        })
+        key = stable_hash(
+            {
+                "stage": "erase",
+                "model": self.model.fingerprint,
+                "precision": self.precision,
+                "method": job.method,
+                "settings": job.settings,
+                "targets": job.targets,
+                "retain": job.retain,
+                "seed": job.seed,
+                "task": self.task.name,
+            }
+        )
         meta_path = self.cache.path("erase", key, ".json")
         delta_path = self.cache.path("erase", key, ".safetensors")
         if meta_path.exists() and (read_json(meta_path)["status"] != "ok" or delta_path.exists()):
@@ -96,8 +105,12 @@ class Stages:
             self.engine.forget_embeddings()
         counts = delta.changed_counts(self.base)
         meta = {
-            "method": job.method, "settings": job.settings, "targets": list(job.targets),
-            "seed": job.seed, "info": info, "changed": counts,
+            "method": job.method,
+            "settings": job.settings,
+            "targets": list(job.targets),
+            "seed": job.seed,
+            "info": info,
+            "changed": counts,
             "sparsity": artifacts.sparsity(counts, self.base),
             "weights_id": stable_hash([self.model.fingerprint, delta.digest()]),
             "status": "failed" if non_finite else "ok",
@@ -111,8 +124,11 @@ class Stages:
 
     # ---- generate --------------------------------------------------------------------------
     def image_keys(self, erased: Erased, prompts: pd.DataFrame, seeds: list[int]) -> list[str]:
-        identity = {"sampler": self.engine.sampler.cache_identity(),
-                    "resolution": self.engine.resolution, "precision": self.precision}
+        identity = {
+            "sampler": self.engine.sampler.cache_identity(),
+            "resolution": self.engine.resolution,
+            "precision": self.precision,
+        }
         return [
             stable_hash({"weights": erased.weights_id, "prompt": p, "seed": s, **identity})
             for p, s in zip(prompts["prompt"], seeds, strict=True)
@@ -121,8 +137,9 @@ class Stages:
     def image_path(self, key: str):
         return self.cache.path("images", key, ".png")
 
-    def generate(self, erased: Erased, prompts: list[str], seeds: list[int],
-                 keys: list[str], label: str) -> None:
+    def generate(
+        self, erased: Erased, prompts: list[str], seeds: list[int], keys: list[str], label: str
+    ) -> None:
         """Generate missing images in fixed batches of the job's row order, so a resumed run
         repeats exactly the batches an uninterrupted one would have made."""
         size = self.engine.sampler.batch_size
@@ -135,8 +152,9 @@ class Stages:
         self.engine.forget_embeddings()
         try:
             for batch in tqdm(todo, desc=f"generate {label}", unit="batch", leave=False):
-                images = self.engine.generate([prompts[i] for i in batch],
-                                              [seeds[i] for i in batch])
+                images = self.engine.generate(
+                    [prompts[i] for i in batch], [seeds[i] for i in batch]
+                )
                 for i, image in zip(batch, images, strict=True):
                     path = self.image_path(keys[i])
                     if path.exists():
@@ -150,11 +168,15 @@ class Stages:
 
     # ---- score -----------------------------------------------------------------------------
     def score(self, name: str, evaluator: Evaluator, rows: pd.DataFrame) -> list[dict[str, Any]]:
-        key = stable_hash({
-            "stage": "score", "evaluator": name, "version": type(evaluator).version,
-            "fingerprint": evaluator.fingerprint(),
-            "rows": rows[["image_key", "case_id", "prompt", "concept", "role"]].values.tolist(),
-        })
+        key = stable_hash(
+            {
+                "stage": "score",
+                "evaluator": name,
+                "version": type(evaluator).version,
+                "fingerprint": evaluator.fingerprint(),
+                "rows": rows[["image_key", "case_id", "prompt", "concept", "role"]].values.tolist(),
+            }
+        )
         path = self.cache.path("scores", key, ".json")
         if path.exists():
             self.counts.score_cached += 1
@@ -162,7 +184,7 @@ class Stages:
         evaluator.reset()
         size = self.engine.sampler.batch_size
         for start in range(0, len(rows), size):
-            batch = rows.iloc[start:start + size]
+            batch = rows.iloc[start : start + size]
             images = [Image.open(self.image_path(k)).convert("RGB") for k in batch["image_key"]]
             evaluator.update(images, batch)
         scores = [

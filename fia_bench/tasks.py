@@ -28,14 +28,17 @@ def load_task(name: str, world: str) -> Task:
         raise unknown_choice("world", world, worlds(), "model.world")
     path = world_dir / f"{name}.yaml"
     if not path.is_file():
-        raise unknown_choice(f"task for world '{world}'", name,
-                             [p.stem for p in world_dir.glob("*.yaml")], "task=")
+        raise unknown_choice(
+            f"task for world '{world}'", name, [p.stem for p in world_dir.glob("*.yaml")], "task="
+        )
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     concepts = tuple(str(c) for c in data.get("concepts") or ())
     templates = tuple(str(t) for t in data.get("templates") or ())
     if not concepts or not templates or any("{concept}" not in t for t in templates):
-        raise FiaBenchError(f"{path}: needs a non-empty 'concepts' list and 'templates' that "
-                            "each contain {concept}")
+        raise FiaBenchError(
+            f"{path}: needs a non-empty 'concepts' list and 'templates' that "
+            "each contain {concept}"
+        )
     if len(set(concepts)) != len(concepts):
         raise FiaBenchError(f"{path}: concept names repeat")
     return Task(name=name, world=world, concepts=concepts, templates=templates, source=str(path))

@@ -1,1 +1,1 @@
-"""Unlearning-method plugins, one per file; registered through the ``fia_bench.methods`` entry points."""
+"""Unlearning-method plugins, one per file, registered as ``fia_bench.methods`` entry points."""

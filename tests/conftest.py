@@ -25,11 +25,20 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def cli(args: list[str], cache: Path, cwd: Path, check: bool = True,
-        module: str = "fia_bench") -> subprocess.CompletedProcess:
+def cli(
+    args: list[str], cache: Path, cwd: Path, check: bool = True, module: str = "fia_bench"
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, FIA_BENCH_CACHE=str(cache))
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc

@@ -45,22 +45,44 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
 def test_multirun_and_report_merge(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     sweep = tmp_path / "sweep"
-    cli(["-m", *FAST, "seeds=1", "n_concepts=1,2", f"hydra.sweep.dir={sweep}"], cache, tmp_path)
+    cli(
+        ["-m", *FAST, "method=none,uce", "seeds=2", "n_concepts=1,2", f"hydra.sweep.dir={sweep}"],
+        cache,
+        tmp_path,
+    )
     runs = sorted(p for p in sweep.iterdir() if (p / "records.csv").exists())
-    assert len(runs) == 2
+    assert len(runs) == 4
     merged = tmp_path / "merged"
-    proc = cli([*map(str, runs), "--out", str(merged)], cache, tmp_path,
-               module="fia_bench.report")
-    assert "n_concepts=1" in proc.stdout and "n_concepts=2" in proc.stdout
+    proc = cli([*map(str, runs), "--out", str(merged)], cache, tmp_path, module="fia_bench.report")
+    assert "uce vs none" in proc.stdout
     summary = pd.read_csv(merged / "summary.csv")
     assert sorted(summary["n_concepts"].unique()) == [1, 2]
-    parts = [pd.read_csv(r / "records.csv") for r in runs]
-    assert len(pd.read_csv(merged / "records.csv")) == sum(map(len, parts))
+    assert set(summary["method"]) == {"none", "uce"}
+    # every run also measured the reference; the merge keeps each reference row once
+    parts = pd.concat([pd.read_csv(r / "records.csv") for r in runs])
+    assert len(pd.read_csv(merged / "records.csv")) == len(parts.drop_duplicates())
+    assert len(parts) > len(parts.drop_duplicates())
+    tests = pd.read_csv(merged / "tests.csv")
+    assert set(zip(tests["method_a"], tests["method_b"], strict=True)) == {("uce", "none")}
+
+
+def test_wandb_logger_writes_an_offline_run(tmp_path: Path) -> None:
+    cli(
+        [*FAST, "seeds=1", "n_concepts=1", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path / "cache",
+        tmp_path,
+    )
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
 def test_report_refuses_a_directory_without_results(tmp_path: Path) -> None:
-    proc = cli([str(tmp_path), "--out", str(tmp_path / "r")], tmp_path / "c", tmp_path,
-               check=False, module="fia_bench.report")
+    proc = cli(
+        [str(tmp_path), "--out", str(tmp_path / "r")],
+        tmp_path / "c",
+        tmp_path,
+        check=False,
+        module="fia_bench.report",
+    )
     assert proc.returncode == 2
     assert "not a fia_bench run directory" in proc.stderr
 
@@ -80,10 +102,12 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("override", "message"), BAD_INPUT)
-def test_bad_input_fails_with_one_clear_line(tmp_path: Path, override: list[str],
-                                             message: str) -> None:
-    proc = cli([*override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", tmp_path,
-               check=False)
+def test_bad_input_fails_with_one_clear_line(
+    tmp_path: Path, override: list[str], message: str
+) -> None:
+    proc = cli(
+        [*override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", tmp_path, check=False
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors, proc.stderr[-2000:]

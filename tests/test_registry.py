@@ -1,0 +1,72 @@
+"""Registry semantics and the config ↔ plugin bijection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fia_bench.api import Method
+from fia_bench.errors import FiaBenchError
+from fia_bench.registry import DATASETS, EVALUATORS, METHODS
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def config_names(group: str, key: str | None) -> set[str]:
+    names = set()
+    for path in (CONF / group).glob("*.yaml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        names.add(data[key] if key else path.stem)
+    return names
+
+
+def test_every_method_config_names_a_registered_method_and_vice_versa() -> None:
+    assert config_names("method", "name") == set(METHODS.names())
+
+
+def test_every_evaluator_config_is_registered_and_vice_versa() -> None:
+    assert config_names("evaluator", None) == set(EVALUATORS.names())
+
+
+def test_every_task_config_uses_a_registered_dataset() -> None:
+    for path in (CONF / "task").glob("*.yaml"):
+        DATASETS.get(yaml.safe_load(path.read_text())["prompts"]["dataset"])
+
+
+def test_unknown_name_lists_choices_and_nearest_match() -> None:
+    with pytest.raises(
+        FiaBenchError,
+        match=r"unknown method 'nnoe'.*valid choices: .*none.*"
+        r"did you mean 'none'",
+    ):
+        METHODS.get("nnoe")
+
+
+def test_register_decorator_duplicates_and_base_class() -> None:
+    @METHODS.register("test_only_method")
+    class TestOnly(Method):
+        pass
+
+    try:
+        assert METHODS.get("test_only_method") is TestOnly
+        with pytest.raises(FiaBenchError, match="registered twice"):
+            METHODS.register("none")(TestOnly)
+        with pytest.raises(FiaBenchError, match="must be a subclass of Method"):
+            METHODS.register("not_a_method")(dict)
+    finally:
+        METHODS.unregister("test_only_method")
+    assert "test_only_method" not in METHODS.names()
+
+
+def test_importing_the_core_imports_no_heavy_dependency() -> None:
+    code = (
+        "import sys, fia_bench, fia_bench.registry as r; r.METHODS.names(); "
+        "r.EVALUATORS.names(); print(sorted(m for m in ('torch', 'diffusers', 'open_clip', "
+        "'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
