@@ -3,9 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export HF_HUB_OFFLINE ?= 1
-export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+# `make run` compares UCE with the unedited model; `make run ARGS="method=none seeds=1"` overrides.
+RUN_ARGS := method=uce seeds=3
 
 .PHONY: install run test bench lint clean
 
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m fia_bench $(ARGS)
+	$(PY) -m fia_bench $(or $(ARGS),$(RUN_ARGS))
 
+# Tests never touch the network: hub downloads and wandb uploads are off.
+test: export HF_HUB_OFFLINE := 1
+test: export WANDB_MODE := offline
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

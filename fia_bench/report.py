@@ -204,6 +204,7 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
                 capsize=3,
                 label=method,
             )
+        ax.set_xticks(sorted(frame["n_concepts"].unique()))
         ax.set_title(f"{evaluator}/{metric} ({ROLE_LABEL[role]})", fontsize=9)
         ax.set_xlabel("concepts erased")
         ax.legend(fontsize=7)
