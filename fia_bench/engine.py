@@ -38,6 +38,10 @@ class Sampler:
             batch_size=int(cfg.batch_size),
         )
 
+    @property
+    def label(self) -> str:
+        return f"{self.scheduler}-{self.steps}steps-cfg{self.guidance_scale:g}-eta{self.eta:g}"
+
     def cache_identity(self) -> dict[str, Any]:
         """Batch size never changes an image, so it stays out of cache keys."""
         return {

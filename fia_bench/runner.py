@@ -141,9 +141,7 @@ def run(cfg: DictConfig) -> RunResult:
         for name, ev in evaluators.items()
         for metric in sorted(ev.higher_is_better)
     )
-    sampler_label = (
-        f"{sampler.scheduler}-{sampler.steps}steps-cfg{sampler.guidance_scale:g}-eta{sampler.eta:g}"
-    )
+    provenance = {"model": model.name, "task": task.name, "sampler": sampler.label}
 
     jobs = [
         Job(name, settings, n, seed, targets, retain)
@@ -156,11 +154,7 @@ def run(cfg: DictConfig) -> RunResult:
     run_rows: list[dict[str, Any]] = []
     for job in tqdm(jobs, desc="jobs", unit="job"):
         label = f"{job.method} n={job.n_concepts} seed={job.seed}"
-        t0 = time.perf_counter()
         erased = stages.erase(job)
-        stages.counts.seconds["erase"] = stages.counts.seconds.get("erase", 0) + (
-            time.perf_counter() - t0
-        )
         run_row = {
             "method": job.method,
             "n_concepts": job.n_concepts,
@@ -187,41 +181,12 @@ def run(cfg: DictConfig) -> RunResult:
         gen_seeds = [int(s) + shift for s in prompts["evaluation_seed"]]
         prompts = prompts.assign(image_key=stages.image_keys(erased, prompts, gen_seeds))
         run_row["n_prompts"] = len(prompts)
-        t0 = time.perf_counter()
         stages.generate(
             erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]), label
         )
-        stages.counts.seconds["generate"] = stages.counts.seconds.get("generate", 0) + (
-            time.perf_counter() - t0
-        )
-        t0 = time.perf_counter()
-        by_case = prompts.set_index("case_id")
         for name, evaluator in evaluators.items():
-            for score in stages.score(name, evaluator, prompts):
-                whole_set = score["prompt_id"] == "*"
-                row = None if whole_set else by_case.loc[score["prompt_id"]]
-                record_rows.append(
-                    {
-                        "method": job.method,
-                        "n_concepts": job.n_concepts,
-                        "seed": job.seed,
-                        "concept": "*" if whole_set else row["concept"],
-                        "role": "all" if whole_set else row["role"],
-                        "prompt_id": score["prompt_id"],
-                        "evaluator": name,
-                        "metric": score["metric"],
-                        "value": score["value"],
-                        "higher_is_better": evaluator.higher_is_better[score["metric"]],
-                        "image_key": "" if whole_set else row["image_key"],
-                        "model": model.name,
-                        "task": task.name,
-                        "sampler": sampler_label,
-                        "protocol": evaluator.protocol(),
-                    }
-                )
-        stages.counts.seconds["score"] = stages.counts.seconds.get("score", 0) + (
-            time.perf_counter() - t0
-        )
+            scores = stages.score(name, evaluator, prompts)
+            record_rows += score_records(job, prompts, name, evaluator, scores, provenance)
 
     records = pd.DataFrame(record_rows, columns=RECORD_COLUMNS)
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
@@ -234,6 +199,40 @@ def run(cfg: DictConfig) -> RunResult:
     }
     summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs)
     return RunResult(out_dir, records, runs, summary, tests, counts)
+
+
+def score_records(
+    job: Job,
+    prompts: pd.DataFrame,
+    evaluator_name: str,
+    evaluator: Evaluator,
+    scores: list[dict[str, Any]],
+    provenance: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Result rows of one evaluator on one job; set-level values get concept '*' and role 'all'."""
+    by_case = prompts.set_index("case_id")
+    rows = []
+    for score in scores:
+        whole_set = score["prompt_id"] == "*"
+        row = None if whole_set else by_case.loc[score["prompt_id"]]
+        rows.append(
+            {
+                "method": job.method,
+                "n_concepts": job.n_concepts,
+                "seed": job.seed,
+                "concept": "*" if whole_set else row["concept"],
+                "role": "all" if whole_set else row["role"],
+                "prompt_id": score["prompt_id"],
+                "evaluator": evaluator_name,
+                "metric": score["metric"],
+                "value": score["value"],
+                "higher_is_better": evaluator.higher_is_better[score["metric"]],
+                "image_key": "" if whole_set else row["image_key"],
+                **provenance,
+                "protocol": evaluator.protocol(),
+            }
+        )
+    return rows
 
 
 def check_prompt_rows(prompts: pd.DataFrame, dataset: str) -> None:

@@ -5,7 +5,10 @@ and restores the base weights, so methods never see each other's edits."""
 
 from __future__ import annotations
 
+import functools
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +63,24 @@ class StageCounts:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def timed(stage: str) -> Callable:
+    """Add the wrapped stage's wall time to ``self.counts.seconds[stage]`` (for the manifest)."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self: Stages, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                seconds = self.counts.seconds
+                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    return decorate
+
+
 class Stages:
     def __init__(
         self, model: LoadedModel, engine: Engine, cache: Cache, task: Task, precision: str
@@ -73,6 +94,7 @@ class Stages:
         self.counts = StageCounts()
 
     # ---- erase -----------------------------------------------------------------------------
+    @timed("erase")
     def erase(self, job: Job) -> Erased:
         key = stable_hash(
             {
@@ -137,6 +159,7 @@ class Stages:
     def image_path(self, key: str):
         return self.cache.path("images", key, ".png")
 
+    @timed("generate")
     def generate(
         self, erased: Erased, prompts: list[str], seeds: list[int], keys: list[str], label: str
     ) -> None:
@@ -167,6 +190,7 @@ class Stages:
             self.engine.forget_embeddings()
 
     # ---- score -----------------------------------------------------------------------------
+    @timed("score")
     def score(self, name: str, evaluator: Evaluator, rows: pd.DataFrame) -> list[dict[str, Any]]:
         key = stable_hash(
             {

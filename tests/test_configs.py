@@ -1,0 +1,91 @@
+"""Every config option composes, and every task of every world loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fia_bench
+from fia_bench.errors import FiaBenchError
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, check_complete
+from fia_bench.tasks import load_task, worlds
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"{group}={name}"
+        for group in ("model", "method", "task", "sampler", "logger", "experiment")
+        for name in options(group)
+    ],
+)
+def test_every_option_composes(override: str) -> None:
+    cfg = fia_bench.compose([override])
+    assert cfg.method.name and cfg.model.world and cfg.task.name and cfg.evaluator
+
+
+@pytest.mark.parametrize("world", worlds())
+def test_every_task_of_every_world_loads(world: str) -> None:
+    for task in options("task"):
+        loaded = load_task(task, world)
+        assert len(loaded.concepts) >= 2 and loaded.templates
+
+
+def test_console_script_is_the_module() -> None:
+    script = Path(sys.executable).parent / "fia-bench"
+    out = subprocess.run(
+        [str(script), "--cfg", "job", "method=uce"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ),
+    ).stdout
+    assert "name: uce" in out
+
+
+def job_tables(n_prompts: int, metrics: str) -> pd.DataFrame:
+    row = dict.fromkeys(RUN_COLUMNS, "")
+    row.update(
+        method="none", n_concepts=1, seed=0, status="ok", n_prompts=n_prompts, metrics=metrics
+    )
+    return pd.DataFrame([row], columns=RUN_COLUMNS)
+
+
+def records(prompt_ids: list[str], metric: str = "accuracy") -> pd.DataFrame:
+    rows = [
+        dict.fromkeys(RECORD_COLUMNS, "")
+        | {
+            "method": "none",
+            "n_concepts": 1,
+            "seed": 0,
+            "evaluator": "clip_accuracy",
+            "metric": metric,
+            "prompt_id": p,
+            "value": 1.0,
+        }
+        for p in prompt_ids
+    ]
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
+
+
+def test_completeness_check_names_the_gap() -> None:
+    check_complete(records(["a", "b", "c"]), job_tables(3, "clip_accuracy/accuracy"))
+    with pytest.raises(
+        FiaBenchError,
+        match=r"none n_concepts=1 seed=0 "
+        r"clip_accuracy/accuracy: 2 of 3 values",
+    ):
+        check_complete(records(["a", "b"]), job_tables(3, "clip_accuracy/accuracy"))
+    with pytest.raises(FiaBenchError, match=r"fid/fid: 0 of 1 values"):
+        check_complete(records(["a"]), job_tables(1, "clip_accuracy/accuracy;fid/fid@set"))
