@@ -3,6 +3,7 @@ dataset turns a task into rows. Everything else (caching, seeding, records) is t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,6 +25,7 @@ class Task:
     concepts: tuple[str, ...]
     templates: tuple[str, ...]
     source: str
+    superclasses: dict[str, str] = field(default_factory=dict)
 
     def split(self, n_concepts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return self.concepts[:n_concepts], self.concepts[n_concepts:]
@@ -31,13 +33,20 @@ class Task:
 
 @dataclass
 class EraseRequest:
-    """What a method is asked to erase, and the tools it may use to do it."""
+    """What a method is asked to erase, and the tools it may use to do it.
+
+    ``engine`` samples with the weights as they are now (the model being edited);
+    ``base_images(prompts, seeds, negative_prompts=None)`` returns the *unedited* model's images
+    through the generate stage's cache, so training data is made once and shared with evaluation.
+    ``task.superclasses`` maps concepts to their anchor concept where the task defines one.
+    """
 
     targets: tuple[str, ...]
     retain: tuple[str, ...]
     seed: int
     task: Task
     engine: Engine
+    base_images: Callable[..., list[Image.Image]]
 
 
 class Method:

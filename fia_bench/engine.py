@@ -108,20 +108,38 @@ class Engine:
         ]
         return torch.stack(noise).to(self.device, self.dtype)
 
-    @torch.no_grad()
-    def sample_latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    def scheduler(self, steps: int | None = None) -> Any:
+        """A fresh scheduler of the run's kind with its timesteps set (they hold per-run state)."""
         scheduler = make_scheduler(self.sampler.scheduler, self.pipe.scheduler.config)
-        scheduler.set_timesteps(self.sampler.steps, device=self.device)
+        scheduler.set_timesteps(steps or self.sampler.steps, device=self.device)
+        return scheduler
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        stop_after: int | None = None,
+        negative_prompts: list[str] | None = None,
+    ) -> torch.Tensor:
+        """Denoise from each row's seed; ``stop_after=k`` returns the latents after k of the
+        ``steps`` steps (methods that probe or train on intermediate steps use it). Negative
+        prompts replace the empty prompt in the unconditional branch."""
+        scheduler = self.scheduler(steps)
+        scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.encode(prompts)
-        uncond = self.encode([""] * len(prompts))
+        uncond = self.encode(negative_prompts or [""] * len(prompts))
         context = torch.cat([uncond, cond])
         latents = self.initial_noise(seeds) * scheduler.init_noise_sigma
         extra = {"eta": self.sampler.eta} if self.sampler.scheduler == "ddim" else {}
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[:stop_after]:
             model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             noise = self.pipe.unet(model_in, t, encoder_hidden_states=context).sample
             noise_uncond, noise_cond = noise.chunk(2)
-            guided = noise_uncond + self.sampler.guidance_scale * (noise_cond - noise_uncond)
+            guided = noise_uncond + scale * (noise_cond - noise_uncond)
             latents = scheduler.step(guided, t, latents, **extra).prev_sample
         return latents
 
@@ -133,5 +151,7 @@ class Engine:
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        return self.decode(self.sample_latents(prompts, seeds))
+    def generate(
+        self, prompts: list[str], seeds: list[int], negative_prompts: list[str] | None = None
+    ) -> list[Image.Image]:
+        return self.decode(self.sample_latents(prompts, seeds, negative_prompts=negative_prompts))

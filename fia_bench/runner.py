@@ -179,7 +179,9 @@ def run(cfg: DictConfig) -> RunResult:
         prompt_hashes[f"n_concepts={job.n_concepts}"] = stable_hash(prompts.values.tolist())
         shift = job.seed * SEED_STRIDE if cfg.seed_policy == "erase_and_generate" else 0
         gen_seeds = [int(s) + shift for s in prompts["evaluation_seed"]]
-        prompts = prompts.assign(image_key=stages.image_keys(erased, prompts, gen_seeds))
+        prompts = prompts.assign(
+            image_key=stages.image_keys(erased, list(prompts["prompt"]), gen_seeds)
+        )
         run_row["n_prompts"] = len(prompts)
         stages.generate(
             erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]), label

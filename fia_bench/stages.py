@@ -91,7 +91,12 @@ class Stages:
         self.task = task
         self.precision = precision
         self.base = artifacts.snapshot(model.pipe)
+        self.base_weights_id = self.weights_id(artifacts.Delta())
         self.counts = StageCounts()
+
+    def weights_id(self, delta: artifacts.Delta) -> str:
+        """Identity of the weights an image is made with: base model plus the delta."""
+        return stable_hash([self.model.fingerprint, delta.digest()])
 
     # ---- erase -----------------------------------------------------------------------------
     @timed("erase")
@@ -118,7 +123,9 @@ class Stages:
             return Erased(key, meta["status"], meta["reason"], delta or artifacts.Delta(), meta)
         method = METHODS.get(job.method, "method.name")(**job.settings)
         torch.manual_seed(job.seed)
-        request = EraseRequest(job.targets, job.retain, job.seed, self.task, self.engine)
+        request = EraseRequest(
+            job.targets, job.retain, job.seed, self.task, self.engine, self.base_images
+        )
         try:
             info = method.erase(request)
         finally:
@@ -134,7 +141,7 @@ class Stages:
             "info": info,
             "changed": counts,
             "sparsity": artifacts.sparsity(counts, self.base),
-            "weights_id": stable_hash([self.model.fingerprint, delta.digest()]),
+            "weights_id": self.weights_id(delta),
             "status": "failed" if non_finite else "ok",
             "reason": f"non-finite weights in {', '.join(non_finite[:3])}" if non_finite else "",
         }
@@ -145,15 +152,40 @@ class Stages:
         return Erased(key, meta["status"], meta["reason"], delta, meta)
 
     # ---- generate --------------------------------------------------------------------------
-    def image_keys(self, erased: Erased, prompts: pd.DataFrame, seeds: list[int]) -> list[str]:
+    def base_images(
+        self, prompts: list[str], seeds: list[int], negative_prompts: list[str] | None = None
+    ) -> list[Image.Image]:
+        """Unedited-model images via the image cache, callable in the middle of an edit: the
+        edit is set aside, the images made or loaded, and the edit put back."""
+        edit, _ = artifacts.extract(self.model.pipe, self.base)
+        artifacts.restore(self.model.pipe, self.base, edit.changed)
+        base = Erased("base", "ok", "", artifacts.Delta(), {"weights_id": self.base_weights_id})
+        keys = self.image_keys(base, prompts, seeds, negative_prompts)
+        try:
+            self.generate(base, prompts, seeds, keys, "base images", negative_prompts)
+        finally:
+            artifacts.apply(self.model.pipe, edit)
+            self.engine.forget_embeddings()
+        return [Image.open(self.image_path(k)).convert("RGB") for k in keys]
+
+    def image_keys(
+        self,
+        erased: Erased,
+        prompts: list[str],
+        seeds: list[int],
+        negative_prompts: list[str] | None = None,
+    ) -> list[str]:
         identity = {
+            "weights": erased.weights_id,
             "sampler": self.engine.sampler.cache_identity(),
             "resolution": self.engine.resolution,
             "precision": self.precision,
         }
+        negatives = negative_prompts or [""] * len(prompts)
         return [
-            stable_hash({"weights": erased.weights_id, "prompt": p, "seed": s, **identity})
-            for p, s in zip(prompts["prompt"], seeds, strict=True)
+            # the negative prompt enters the key only when set, so plain images keep their keys
+            stable_hash({"prompt": p, "seed": s, **identity} | ({"negative": n} if n else {}))
+            for p, s, n in zip(prompts, seeds, negatives, strict=True)
         ]
 
     def image_path(self, key: str):
@@ -161,7 +193,13 @@ class Stages:
 
     @timed("generate")
     def generate(
-        self, erased: Erased, prompts: list[str], seeds: list[int], keys: list[str], label: str
+        self,
+        erased: Erased,
+        prompts: list[str],
+        seeds: list[int],
+        keys: list[str],
+        label: str,
+        negative_prompts: list[str] | None = None,
     ) -> None:
         """Generate missing images in fixed batches of the job's row order, so a resumed run
         repeats exactly the batches an uninterrupted one would have made."""
@@ -176,7 +214,9 @@ class Stages:
         try:
             for batch in tqdm(todo, desc=f"generate {label}", unit="batch", leave=False):
                 images = self.engine.generate(
-                    [prompts[i] for i in batch], [seeds[i] for i in batch]
+                    [prompts[i] for i in batch],
+                    [seeds[i] for i in batch],
+                    [negative_prompts[i] for i in batch] if negative_prompts else None,
                 )
                 for i, image in zip(batch, images, strict=True):
                     path = self.image_path(keys[i])

@@ -41,13 +41,18 @@ def load_task(name: str, world: str) -> Task:
         )
     if len(set(concepts)) != len(concepts):
         raise FiaBenchError(f"{path}: concept names repeat")
-    return Task(name=name, world=world, concepts=concepts, templates=templates, source=str(path))
+    superclasses = {str(k): str(v) for k, v in (data.get("superclasses") or {}).items()}
+    unknown = sorted(set(superclasses) - set(concepts))
+    if unknown:
+        raise FiaBenchError(f"{path}: superclasses given for unknown concepts {unknown}")
+    return Task(name, world, concepts, templates, str(path), superclasses)
 
 
 def world_vocabulary(world: str) -> list[str]:
     words: set[str] = set()
     for path in sorted((data_root() / world).glob("*.yaml")):
         task = load_task(path.stem, world)
-        text = " ".join([*task.concepts, *task.templates]).replace("{concept}", " ")
+        parts = [*task.concepts, *task.templates, *task.superclasses.values()]
+        text = " ".join(parts).replace("{concept}", " ")
         words.update(re.findall(r"[a-z0-9]+", text.lower()))
     return sorted(words)

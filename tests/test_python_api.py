@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import FAST
+from tiny import tiny_engine
 
 import fia_bench
 from fia_bench.api import EraseRequest, Method
@@ -125,3 +128,31 @@ def test_unwritable_out_dir(tmp_path: Path, cache_dir: Path) -> None:
     blocker = write(tmp_path / "file", b"")
     with pytest.raises(FiaBenchError, match="is not writable"):
         fia_bench.run(FAST, out_dir=str(blocker / "sub"))
+
+
+class EditThenAskForBaseImages(Method):
+    """Edits, then asks for base-model images mid-edit, as a fine-tuning method would."""
+
+    def erase(self, request: EraseRequest) -> dict[str, Any]:
+        to_v = request.engine.pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_v
+        with torch.no_grad():
+            to_v.weight.mul_(3.0)
+        image = request.base_images(["a photo of a church"], [99])[0]
+        return {"base_image": hashlib.sha256(image.tobytes()).hexdigest()}
+
+
+def test_base_images_mid_edit_are_the_unedited_models_and_keep_the_edit(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    METHODS.register("edit_then_base")(EditThenAskForBaseImages)
+    try:
+        result = fia_bench.run(
+            [*FAST, "method.name=edit_then_base", "seeds=1", "n_concepts=1"],
+            out_dir=str(tmp_path / "run"),
+        )
+    finally:
+        METHODS.unregister("edit_then_base")
+    run = result.runs.set_index("method").loc["edit_then_base"]
+    assert run["changed_tensors"] == 1  # the edit survived the detour
+    expected = tiny_engine(steps=2).generate(["a photo of a church"], [99])[0]
+    assert json.loads(run["info"])["base_image"] == hashlib.sha256(expected.tobytes()).hexdigest()
