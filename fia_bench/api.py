@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fia_bench.errors import FiaBenchError
+
 if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
@@ -31,6 +33,14 @@ class Task:
         return self.concepts[:n_concepts], self.concepts[n_concepts:]
 
 
+def _no_base_images(*_: Any, **__: Any) -> list[Image.Image]:
+    """Outside a harness run there is no image cache to take base-model images from."""
+    raise FiaBenchError(
+        "base_images is provided by the harness; pass one to EraseRequest to "
+        "call a method outside a run"
+    )
+
+
 @dataclass
 class EraseRequest:
     """What a method is asked to erase, and the tools it may use to do it.
@@ -46,7 +56,7 @@ class EraseRequest:
     seed: int
     task: Task
     engine: Engine
-    base_images: Callable[..., list[Image.Image]]
+    base_images: Callable[..., list[Image.Image]] = _no_base_images
 
 
 class Method:

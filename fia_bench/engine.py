@@ -85,18 +85,22 @@ class Engine:
         """Call after any edit of the text encoder, whose outputs are memoised per prompt."""
         self._embeddings.clear()
 
+    def tokenize(self, prompts: list[str]) -> Any:
+        """Token ids and attention mask, padded to the text encoder's full context as SD does."""
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if missing:
-            tokenizer = self.pipe.tokenizer
-            ids = tokenizer(
-                missing,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
+            ids = self.tokenize(missing).input_ids.to(self.device)
             hidden = self.pipe.text_encoder(ids)[0]
             self._embeddings.update(zip(missing, hidden, strict=True))
         return torch.stack([self._embeddings[p] for p in prompts])

@@ -71,14 +71,7 @@ class UCE(Method):
     @torch.no_grad()
     def token_rows(self, engine: Any, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
         """Hidden states (prompts × 77 × d) and each prompt's last word-piece index."""
-        tokenizer = engine.pipe.tokenizer
-        mask = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).attention_mask
+        mask = engine.tokenize(prompts).attention_mask
         return engine.encode(prompts).double().cpu(), (mask.sum(1) - 2).tolist()
 
     def pairs(self, engine: Any, targets: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
