@@ -1,0 +1,307 @@
+"""Deterministic renderer of captioned images: the data of the mini world.
+
+Every image is a function of a ``Scene`` (shape, colour, style, place, hazard glyph) and a seed
+(position, size, rotation, texture phase), so any set can be re-rendered bit for bit from its list
+of scenes. Concept families mirror the benchmark's tasks: shapes for objects, rendering styles for
+art styles, places for FIA's "⟨concept⟩ in a ⟨place⟩" templates, and hazard glyphs (skull, flame)
+standing in for explicit content. Vocabulary and caption templates are data
+(``data/procedural.yaml``).
+
+    python -m fia_bench.datasets.procedural --out renders --count 64   # a preview sheet
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw, ImageFilter
+
+SUPERSAMPLE = 4  # draw at 4x and downsample, so small shapes keep clean anti-aliased edges
+
+
+@cache
+def world() -> dict[str, Any]:
+    """The mini world's vocabulary: colours (RGB), shapes, styles, places (two RGB tones each),
+    hazards and caption templates."""
+    text = (files("fia_bench.datasets") / "data" / "procedural.yaml").read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    style: str
+    place: str
+    hazard: str | None = None  # a hazard glyph drawn instead of the shape
+
+    @property
+    def subject(self) -> str:
+        return self.hazard or self.shape
+
+
+def _polygon(
+    points: list[tuple[float, float]], cx: float, cy: float, r: float, angle: float
+) -> list[tuple[float, float]]:
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in points]
+
+
+def _regular(n: int, inner: float | None = None) -> list[tuple[float, float]]:
+    """Unit regular polygon (or star, when ``inner`` radius is given), first vertex up."""
+    count = 2 * n if inner else n
+    return [
+        (
+            (inner if inner and i % 2 else 1.0) * math.sin(2 * math.pi * i / count),
+            -(inner if inner and i % 2 else 1.0) * math.cos(2 * math.pi * i / count),
+        )
+        for i in range(count)
+    ]
+
+
+OUTLINES: dict[str, list[tuple[float, float]]] = {
+    "triangle": _regular(3),
+    "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
+    "diamond": [(0, -1), (0.62, 0), (0, 1), (-0.62, 0)],
+    "flame": [
+        (0, -1),
+        (0.22, -0.42),
+        (0.45, -0.78),
+        (0.55, -0.12),
+        (0.72, 0.3),
+        (0.52, 0.82),
+        (0, 1),
+        (-0.52, 0.82),
+        (-0.72, 0.3),
+        (-0.58, -0.22),
+        (-0.38, -0.62),
+        (-0.18, -0.32),
+    ],
+    "bolt": [
+        (0.15, -1),
+        (0.55, -1),
+        (0.2, -0.15),
+        (0.6, -0.15),
+        (-0.3, 1),
+        (-0.05, 0.15),
+        (-0.45, 0.15),
+    ],
+    "house": [
+        (0, -1),
+        (0.9, -0.2),
+        (0.7, -0.2),
+        (0.7, 0.9),
+        (-0.7, 0.9),
+        (-0.7, -0.2),
+        (-0.9, -0.2),
+    ],
+    "star": _regular(5, inner=0.42),
+    "cross": [
+        (-0.3, -1),
+        (0.3, -1),
+        (0.3, -0.3),
+        (1, -0.3),
+        (1, 0.3),
+        (0.3, 0.3),
+        (0.3, 1),
+        (-0.3, 1),
+        (-0.3, 0.3),
+        (-1, 0.3),
+        (-1, -0.3),
+        (-0.3, -0.3),
+    ],
+    "arrow": [(0, -1), (0.8, -0.1), (0.3, -0.1), (0.3, 1), (-0.3, 1), (-0.3, -0.1), (-0.8, -0.1)],
+}
+
+
+def _heart(steps: int = 40) -> list[tuple[float, float]]:
+    points = []
+    for i in range(steps):
+        t = 2 * math.pi * i / steps
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        points.append((x / 17, -y / 17 + 0.1))
+    return points
+
+
+OUTLINES["heart"] = _heart()
+
+
+def _mask(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
+    """The subject's silhouette (L mode, 255 inside) at ``size`` pixels."""
+    big = size * SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    r = big * rng.uniform(0.26, 0.34)
+    cx = big / 2 + rng.uniform(-0.1, 0.1) * big
+    cy = big / 2 + rng.uniform(-0.1, 0.1) * big
+    angle = rng.uniform(-0.25, 0.25)
+    subject = scene.subject
+    if subject == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif subject == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
+    elif subject == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        off = 0.45 * r
+        draw.ellipse([cx - r + off, cy - r - 0.15 * r, cx + r + off, cy + r - 0.15 * r], fill=0)
+    elif subject == "skull":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + 0.55 * r], fill=255)  # cranium
+        draw.rectangle([cx - 0.55 * r, cy + 0.2 * r, cx + 0.55 * r, cy + r], fill=255)  # jaw
+        for ex in (-0.42, 0.42):  # eye sockets
+            draw.ellipse(
+                [cx + (ex - 0.25) * r, cy - 0.3 * r, cx + (ex + 0.25) * r, cy + 0.2 * r], fill=0
+            )
+        draw.polygon(
+            [(cx, cy + 0.25 * r), (cx - 0.12 * r, cy + 0.45 * r), (cx + 0.12 * r, cy + 0.45 * r)],
+            fill=0,
+        )  # nose
+        for tx in (-0.3, 0.0, 0.3):  # teeth gaps
+            draw.line(
+                [cx + tx * r, cy + 0.65 * r, cx + tx * r, cy + r],
+                fill=0,
+                width=max(1, int(0.08 * r)),
+            )
+    else:
+        draw.polygon(_polygon(OUTLINES[subject], cx, cy, r, angle), fill=255)
+    return mask
+
+
+def _background(place: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    spec = world()["places"][place]
+    a, b = (np.array(c, dtype=np.float32) for c in spec["tones"])
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    phase = rng.uniform(0, 2 * np.pi)
+    pattern = spec["pattern"]
+    if pattern == "gradient":
+        t = y
+    elif pattern == "waves":
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (3 * y + 0.3 * np.sin(2 * np.pi * 2 * x)) + phase)
+    elif pattern == "stripes":
+        t = (np.sin(2 * np.pi * 5 * x + phase) > 0).astype(np.float32)
+    elif pattern == "checker":
+        t = ((np.floor(x * 6) + np.floor(y * 6)) % 2).astype(np.float32)
+    elif pattern == "bricks":
+        row = np.floor(y * 8)
+        t = (np.mod(x * 4 + 0.5 * (row % 2), 1) < 0.06) | (np.mod(y * 8, 1) < 0.1)
+        t = t.astype(np.float32)
+    elif pattern == "dunes":
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (2 * y + 0.5 * x) + phase)
+    elif pattern == "speckles":
+        t = (rng.random((size, size)) < 0.08).astype(np.float32)
+    elif pattern == "blobs":
+        t = 0.5 + 0.25 * (np.sin(2 * np.pi * 2.5 * x + phase) + np.sin(2 * np.pi * 3 * y - phase))
+    elif pattern == "rings":
+        d = np.hypot(x - 0.5, y - 0.5)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * 6 * d + phase)
+    else:  # "plain"
+        t = np.zeros_like(x)
+    return a * (1 - t[..., None]) + b * t[..., None]
+
+
+def _fill(
+    style: str, rgb: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(colour image, coverage weight) inside the silhouette for a rendering style."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    colour = np.broadcast_to(rgb, (size, size, 3)).copy()
+    weight = np.ones((size, size), np.float32)
+    period = max(3.0, size / 12)
+    if style == "striped":
+        weight = (np.mod(x + y + rng.uniform(0, period), period) < period / 2).astype(np.float32)
+    elif style == "dotted":
+        gx = np.mod(x + rng.uniform(0, period), period) - period / 2
+        gy = np.mod(y + rng.uniform(0, period), period) - period / 2
+        weight = (np.hypot(gx, gy) < period * 0.36).astype(np.float32)
+    elif style == "mosaic":
+        cell = max(2, int(size / 10))
+        tiles = rng.uniform(0.55, 1.15, (size // cell + 1, size // cell + 1))
+        shade = tiles[(y // cell).astype(int), (x // cell).astype(int)]
+        colour = np.clip(colour * shade[..., None], 0, 255)
+    return colour, weight
+
+
+def render(scene: Scene, seed: int, size: int = 64) -> Image.Image:
+    """One image of ``scene``; the seed moves, scales and rotates the subject and textures."""
+    rng = np.random.default_rng(seed)
+    background = _background(scene.place, size, rng)
+    mask = _mask(scene, size, rng)
+    rgb = np.array(world()["colours"][scene.colour], dtype=np.float32)
+    if scene.style == "outlined":
+        edge = mask.filter(ImageFilter.MaxFilter(9)).point(lambda v: 255 if v else 0)
+        inner = mask.filter(ImageFilter.MinFilter(9))
+        mask = Image.fromarray(np.array(edge) - np.minimum(np.array(edge), np.array(inner)))
+    alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float32) / 255
+    colour, weight = _fill(scene.style, rgb, size, rng)
+    alpha = alpha * weight
+    image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
+
+
+def caption(scene: Scene, template: str) -> str:
+    return template.format(
+        shape=scene.subject, colour=scene.colour, style=scene.style, place=scene.place
+    )
+
+
+def sample_scenes(count: int, seed: int, hazard_rate: float = 0.0) -> list[tuple[Scene, int]]:
+    """Scenes with uniformly drawn attributes and one image seed each (disjoint seeds give
+    disjoint render sets, e.g. training data and held-out FID references)."""
+    w = world()
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(count):
+        hazard = str(rng.choice(w["hazards"])) if rng.random() < hazard_rate else None
+        scenes.append(
+            (
+                Scene(
+                    str(rng.choice(w["shapes"])),
+                    str(rng.choice(list(w["colours"]))),
+                    str(rng.choice(w["styles"])),
+                    str(rng.choice(list(w["places"]))),
+                    hazard,
+                ),
+                int(rng.integers(0, 2**31 - 1)),
+            )
+        )
+    return scenes
+
+
+def contact_sheet(images: list[Image.Image], columns: int = 8) -> Image.Image:
+    size = images[0].size[0]
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * size, rows * size), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * size, (i // columns) * size))
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fia_bench.datasets.procedural")
+    parser.add_argument("--out", type=Path, default=Path("renders"))
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--hazard-rate", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    scenes = sample_scenes(args.count, args.seed, args.hazard_rate)
+    images = [render(scene, s, args.size) for scene, s in scenes]
+    contact_sheet(images).save(args.out / "sheet.png")
+    templates = world()["captions"]
+    lines = [caption(scene, templates[i % len(templates)]) for i, (scene, _) in enumerate(scenes)]
+    (args.out / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out / 'sheet.png'} and {args.out / 'captions.txt'}")
+
+
+if __name__ == "__main__":
+    main()
