@@ -34,25 +34,49 @@ def hydra_entry(cfg: DictConfig) -> None:
     )
 
 
-def check_group_overrides(argv: list[str]) -> None:
-    """Hydra reports an unknown config option as a multi-line trace; catch it first and name the
-    valid options and the nearest one, as for every other bad input."""
+def check_overrides(argv: list[str]) -> None:
+    """Hydra reports an unknown config option or key as a multi-line trace; catch both first and
+    name the valid choices and the nearest one, as for every other bad input."""
     conf = Path(CONFIG_DIR)
+    selections, settings = [], []
     for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        group = conf / key
-        if not sep or "." in key or not group.is_dir():
+        key, sep, value = arg.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra.", "-")):
             continue
-        options = sorted(p.stem for p in group.glob("*.yaml"))
-        for option in value.strip("[]").split(","):
-            option = option.strip()
-            if option and option != "null" and option not in options:
-                raise unknown_choice(key, option, options, f"{key}=")
+        if (conf / key).is_dir():
+            options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            for option in value.strip("[]").split(","):
+                option = option.strip()
+                if option and option != "null" and option not in options:
+                    raise unknown_choice(key, option, options, f"{key}=")
+            selections.append(
+                arg if "," not in value or value.startswith("[") else f"{key}={value.split(',')[0]}"
+            )
+        else:
+            settings.append(key)
+    if not settings:
+        return
+    from omegaconf import DictConfig, OmegaConf
+
+    from fia_bench import compose
+
+    cfg = compose(selections)
+    for key in settings:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf not in node:
+            prefix = f"{parent}." if parent else ""
+            raise unknown_choice(
+                "config key",
+                key,
+                [prefix + str(k) for k in node],
+                "the command line (add a key with +key=value)",
+            )
 
 
 def main() -> None:
     try:
-        check_group_overrides(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except FiaBenchError as err:
         print(f"fia_bench: error: {err}", file=sys.stderr)
         sys.exit(2)

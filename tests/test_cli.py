@@ -98,6 +98,8 @@ BAD_INPUT = [
     (["precision=fp8"], "unknown precision 'fp8'"),
     (["task=nudes"], "task"),
     (["seed_policy=sometimes"], "valid choices: erase, erase_and_generate"),
+    (["sampler.stepz=3"], "unknown config key 'sampler.stepz'"),
+    (["method=uce", "method.settings.lamd=1"], "did you mean 'method.settings.lamb'"),
 ]
 
 
