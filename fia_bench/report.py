@@ -37,6 +37,7 @@ PACKAGES = (
     "hydra-core",
     "safetensors",
 )
+COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
 ROLE_LABEL = {"target": "forget", "retain": "retain", "all": "all"}
 
 
@@ -85,7 +86,8 @@ def concept_tables(
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Paper layout per (n_concepts, per-prompt metric): one row per concept, one column per
     method, then the average forget and retain rows."""
-    units = stats.paired_units(records[records["role"] != "all"])
+    per_prompt = records[(records["role"] != "all") & ~records["metric"].str.startswith(COUNT)]
+    units = stats.paired_units(per_prompt)
     tables = []
     for (n, evaluator, metric), frame in units.groupby(["n_concepts", "evaluator", "metric"]):
         per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(["mean", "std"])
@@ -120,6 +122,37 @@ def concept_tables(
             (
                 f"n_concepts={n} · {evaluator}/{metric} (mean ± std over seeds)",
                 ["concept", *methods],
+                rows,
+            )
+        )
+    return tables
+
+
+def count_tables(
+    records: pd.DataFrame, methods: list[str]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Detector layout (NudeNet-style tables): per-image ``count/<class>`` values summed over the
+    image set of each seed, one row per class plus the total, mean ± std over seeds."""
+    counts = records[records["metric"].str.startswith(COUNT)]
+    tables = []
+    for (n, evaluator), frame in counts.groupby(["n_concepts", "evaluator"]):
+        per_seed = frame.groupby(["method", "metric", "seed"])["value"].sum().reset_index()
+        total = per_seed.groupby(["method", "seed"])["value"].sum().reset_index()
+        total["metric"] = "total"
+        stats_by = pd.concat([per_seed, total]).groupby(["method", "metric"])["value"]
+        agg = stats_by.agg(["mean", "std"])
+        classes = [*sorted(frame["metric"].unique()), "total"]
+        rows = [
+            [
+                c.removeprefix(COUNT),
+                *(cell(*agg.loc[(m, c)]) if (m, c) in agg.index else "—" for m in methods),
+            ]
+            for c in classes
+        ]
+        tables.append(
+            (
+                f"n_concepts={n} · {evaluator}: detections per class (sum over images)",
+                ["class", *methods],
                 rows,
             )
         )
@@ -310,7 +343,7 @@ def write_report(
     protocols = records[["evaluator", "protocol"]].drop_duplicates()
     md += ["", *(f"- `{r.evaluator}`: {r.protocol}" for r in protocols.itertuples()), ""]
     tex = []
-    for title, header, rows in concept_tables(records, methods):
+    for title, header, rows in [*concept_tables(records, methods), *count_tables(records, methods)]:
         md += [f"## {title}", "", markdown_table(header, rows), ""]
         tex.append(latex_table(header, [[c.replace("**", "") for c in r] for r in rows], title))
     header, rows = summary_rows(summary)
