@@ -128,6 +128,11 @@ class Evaluator:
     def compute(self) -> list[Score]:
         raise NotImplementedError
 
+    def details(self) -> dict[str, Any]:
+        """Raw per-prompt outputs kept beside the scores (e.g. every detection with its score and
+        box), so other thresholds or class sets can be recomputed without the images."""
+        return {}
+
 
 class PromptDataset:
     """Turns a task and a target/retain split into prompt rows (``PROMPT_COLUMNS``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import math
 import platform
 import subprocess
@@ -395,6 +396,7 @@ def write_run(
     runs: pd.DataFrame,
     counts: dict[str, Any],
     inputs: dict[str, Any],
+    details: list[dict[str, Any]],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     from omegaconf import OmegaConf
 
@@ -407,6 +409,9 @@ def write_run(
         int(cfg.report.grid_prompts),
         str(cfg.reference),
     )
+    if details:
+        lines = [json.dumps(d, sort_keys=True, default=str) for d in details]
+        write_text(out_dir / "details.jsonl", "\n".join(lines) + "\n")
     write_json(
         out_dir / "manifest.json",
         {

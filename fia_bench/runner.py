@@ -150,6 +150,7 @@ def run(cfg: DictConfig) -> RunResult:
         for name, settings in methods.items()
     ]
     record_rows: list[dict[str, Any]] = []
+    detail_rows: list[dict[str, Any]] = []
     prompt_hashes: dict[str, str] = {}
     run_rows: list[dict[str, Any]] = []
     for job in tqdm(jobs, desc="jobs", unit="job"):
@@ -187,8 +188,19 @@ def run(cfg: DictConfig) -> RunResult:
             erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]), label
         )
         for name, evaluator in evaluators.items():
-            scores = stages.score(name, evaluator, prompts)
+            scores, details = stages.score(name, evaluator, prompts)
             record_rows += score_records(job, prompts, name, evaluator, scores, provenance)
+            detail_rows += [
+                {
+                    "method": job.method,
+                    "n_concepts": job.n_concepts,
+                    "seed": job.seed,
+                    "evaluator": name,
+                    "prompt_id": prompt_id,
+                    "detail": detail,
+                }
+                for prompt_id, detail in details.items()
+            ]
 
     records = pd.DataFrame(record_rows, columns=RECORD_COLUMNS)
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
@@ -199,7 +211,7 @@ def run(cfg: DictConfig) -> RunResult:
         "task_sha256": file_sha256(task.source),
         "prompt_rows": prompt_hashes,
     }
-    summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs)
+    summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs, detail_rows)
     return RunResult(out_dir, records, runs, summary, tests, counts)
 
 

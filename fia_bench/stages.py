@@ -231,7 +231,10 @@ class Stages:
 
     # ---- score -----------------------------------------------------------------------------
     @timed("score")
-    def score(self, name: str, evaluator: Evaluator, rows: pd.DataFrame) -> list[dict[str, Any]]:
+    def score(
+        self, name: str, evaluator: Evaluator, rows: pd.DataFrame
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(scores, raw per-prompt details such as detections) of one image set."""
         key = stable_hash(
             {
                 "stage": "score",
@@ -244,7 +247,8 @@ class Stages:
         path = self.cache.path("scores", key, ".json")
         if path.exists():
             self.counts.score_cached += 1
-            return read_json(path)
+            stored = read_json(path)
+            return stored["scores"], stored["details"]
         evaluator.reset()
         size = self.engine.sampler.batch_size
         for start in range(0, len(rows), size):
@@ -255,9 +259,10 @@ class Stages:
             {"prompt_id": s.prompt_id, "metric": s.metric, "value": float(s.value)}
             for s in evaluator.compute()
         ]
-        write_json(path, scores)
+        details = evaluator.details()
+        write_json(path, {"scores": scores, "details": details})
         self.counts.scored += 1
-        return scores
+        return scores, details
 
 
 def info_json(meta: dict[str, Any]) -> str:
