@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
+    from fia_bench.cache import Cache
     from fia_bench.engine import Engine
 
 PROMPT_COLUMNS = ("case_id", "prompt", "evaluation_seed", "concept", "role")
@@ -76,11 +77,17 @@ class Method:
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What an evaluator needs to know about the run beyond its own settings."""
+    """What an evaluator needs to know about the run beyond its own settings.
+
+    ``base_images(prompts, seeds)`` gives the unedited model's images (FID against the base
+    model); ``cache`` stores derived reference data (feature statistics of a reference folder).
+    """
 
     task: Task
     judges: dict[str, Any]
     device: str
+    base_images: Callable[..., list[Image.Image]] = _no_base_images
+    cache: Cache | None = None
 
 
 @dataclass(frozen=True)

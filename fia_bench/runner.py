@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> RunResult:
     model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
     engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype)
     stages = Stages(model, engine, Cache(cfg.cache_dir), task, str(cfg.precision))
-    context = EvalContext(task=task, judges=model.judges, device=str(cfg.device))
+    context = EvalContext(task, model.judges, str(cfg.device), stages.base_images, stages.cache)
     evaluators = build_evaluators(cfg, context)
     metric_entries = ";".join(
         f"{name}/{metric}" + ("@set" if metric in ev.set_level_metrics else "")
@@ -181,7 +181,8 @@ def run(cfg: DictConfig) -> RunResult:
         shift = job.seed * SEED_STRIDE if cfg.seed_policy == "erase_and_generate" else 0
         gen_seeds = [int(s) + shift for s in prompts["evaluation_seed"]]
         prompts = prompts.assign(
-            image_key=stages.image_keys(erased, list(prompts["prompt"]), gen_seeds)
+            generation_seed=gen_seeds,
+            image_key=stages.image_keys(erased, list(prompts["prompt"]), gen_seeds),
         )
         run_row["n_prompts"] = len(prompts)
         stages.generate(

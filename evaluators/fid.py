@@ -1,0 +1,185 @@
+"""Fréchet distance between the features of a method's images and of a reference set.
+
+Features come from clean-fid's Inception in "clean" mode (PIL bicubic resize to 299, the paper
+protocol: baselines_evaluators.md §4) or from the world's CLIP judge (the mini and tiny worlds,
+whose images Inception was never trained on). The reference is either the unedited model's images
+for the same prompts and seeds ("FID vs SD") or a folder of images (COCO val2014), whose features
+are computed once and cached. The same features also go through torchmetrics'
+FrechetInceptionDistance as a cross-check (``fid_torchmetrics``)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from fia_bench.api import Evaluator, Score
+from fia_bench.backbones import load_clip
+from fia_bench.cache import atomic_write, stable_hash
+from fia_bench.errors import FiaBenchError, unknown_choice
+
+FEATURES = ("inception", "clip")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class FeatureNet(torch.nn.Module):
+    """uint8 NCHW images → feature vectors; one network for clean-fid and torchmetrics alike."""
+
+    def __init__(self, kind: str, judges: dict[str, Any], device: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.device = torch.device(device)
+        if kind == "clip":
+            self.backbone = load_clip(judges["clip"], device)
+            self.num_features = int(self.backbone.model.visual.output_dim)
+            self.fingerprint = self.backbone.fingerprint
+        else:
+            from cleanfid.features import feature_extractor
+            from cleanfid.resize import build_resizer
+
+            try:
+                self.inception = feature_extractor(
+                    "torchscript_inception",
+                    self.device,
+                    resize_inside=False,
+                    use_dataparallel=False,
+                )
+            except Exception as err:  # clean-fid downloads its weights on first use
+                raise FiaBenchError(
+                    "clean-fid's Inception weights are not available offline: run once with "
+                    "internet (they are saved to /tmp/inception-2015-12-05.pt) or use "
+                    f"evaluator.fid.settings.features=clip ({type(err).__name__})"
+                ) from err
+            self.resize = build_resizer("clean")
+            self.num_features = 2048
+            self.fingerprint = "clean-fid torchscript inception-2015-12-05, clean mode"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        arrays = [image.permute(1, 2, 0).cpu().numpy() for image in images]
+        if self.kind == "clip":
+            pil = [Image.fromarray(a) for a in arrays]
+            keys = [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
+            return self.backbone.image_features(pil, keys).double()
+        resized = np.stack([self.resize(a) for a in arrays]).transpose(0, 3, 1, 2)
+        batch = torch.from_numpy(resized).float().to(self.device)
+        return self.inception(batch).double().cpu()
+
+
+def as_uint8(images: list[Image.Image]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(
+        0, 3, 1, 2
+    )
+
+
+def frechet(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """clean-fid's Fréchet distance between the Gaussian fits of two feature sets."""
+    from cleanfid.fid import frechet_distance
+
+    a, b = features.numpy(), reference.numpy()
+    return float(
+        frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    )
+
+
+def torchmetrics_fid(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """torchmetrics' own statistics and distance on the same features (an independent check)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Identity(torch.nn.Module):
+        num_features = features.shape[1]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    metric = FrechetInceptionDistance(feature=Identity(), reset_real_features=False)
+    metric.set_dtype(torch.float64)
+    metric.update(reference, real=True)
+    metric.update(features, real=False)
+    return float(metric.compute())
+
+
+class FID(Evaluator):
+    higher_is_better: ClassVar[dict[str, bool]] = {"fid": False, "fid_torchmetrics": False}
+    set_level_metrics: ClassVar[frozenset[str]] = frozenset(higher_is_better)
+    version: ClassVar[str] = "1"
+
+    def __post_init__(self) -> None:
+        kind = str(self.settings.get("features", "clip"))
+        if kind not in FEATURES:
+            raise unknown_choice("FID features", kind, FEATURES, "evaluator.fid.settings.features")
+        self.reference = str(self.settings.get("reference", "base"))
+        if self.reference != "base" and not Path(self.reference).expanduser().is_dir():
+            raise FiaBenchError(
+                f"evaluator.fid.settings.reference={self.reference}: give 'base' "
+                "or an existing folder of reference images"
+            )
+        self.net = FeatureNet(kind, self.context.judges, self.context.device)
+        self.batch_size = int(self.settings.get("batch_size", 64))
+        self.reset()
+
+    def fingerprint(self) -> dict[str, Any]:
+        reference = self.reference if self.reference == "base" else self.folder_listing()
+        return {"features": self.net.fingerprint, "reference": reference}
+
+    def protocol(self) -> str:
+        return f"FID {self.net.kind} features vs {self.reference}"
+
+    def reset(self) -> None:
+        self._features: list[torch.Tensor] = []
+        self._rows: list[pd.DataFrame] = []
+
+    def update(self, images: list[Image.Image], rows: pd.DataFrame) -> None:
+        self._features.append(self.net(as_uint8(images)))
+        self._rows.append(rows)
+
+    def compute(self) -> list[Score]:
+        features = torch.cat(self._features)
+        reference = self.reference_features(pd.concat(self._rows))
+        return [
+            Score("*", "fid", frechet(features, reference)),
+            Score("*", "fid_torchmetrics", torchmetrics_fid(features, reference)),
+        ]
+
+    def features_of(self, images: list[Image.Image]) -> torch.Tensor:
+        batches = range(0, len(images), self.batch_size)
+        return torch.cat([self.net(as_uint8(images[i : i + self.batch_size])) for i in batches])
+
+    def reference_features(self, rows: pd.DataFrame) -> torch.Tensor:
+        if self.reference == "base":
+            images = self.context.base_images(list(rows["prompt"]), list(rows["generation_seed"]))
+            return self.features_of(images)
+        return self.folder_features()
+
+    def folder_listing(self) -> list[tuple[str, int]]:
+        folder = Path(self.reference).expanduser()
+        return [
+            (p.name, p.stat().st_size)
+            for p in sorted(folder.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+
+    def folder_features(self) -> torch.Tensor:
+        """Features of a reference folder, computed once per (listing, feature net) and cached."""
+        from safetensors.torch import load_file, save_file
+
+        listing = self.folder_listing()
+        if not listing:
+            raise FiaBenchError(
+                f"reference folder {self.reference} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
+        key = stable_hash({"listing": listing, "features": self.net.fingerprint})
+        if self.context.cache is None:
+            raise FiaBenchError("FID against a folder needs the harness cache")
+        path = self.context.cache.path("fid_reference", key, ".safetensors")
+        if path.exists():
+            return load_file(str(path))["features"]
+        folder = Path(self.reference).expanduser()
+        features = self.features_of([Image.open(folder / name) for name, _ in listing])
+        atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp)))
+        return features
