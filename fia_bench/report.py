@@ -21,6 +21,7 @@ import pandas as pd
 
 from fia_bench import stats
 from fia_bench.cache import Cache, read_json, write_json, write_text
+from fia_bench.composite import fia_overall
 from fia_bench.errors import FiaBenchError
 from fia_bench.loggers import log_run
 from fia_bench.records import JOB_KEYS, RECORD_COLUMNS, RUN_COLUMNS, check_complete
@@ -119,6 +120,17 @@ def concept_tables(
                         *(cell(*avg.loc[m]) if m in avg.index else "—" for m in methods),
                     ]
                 )
+        if metric == "accuracy" and {"target", "retain"} <= set(seeds["role"]):
+            # FIA's overall score, per seed from that seed's averages, then over seeds
+            wide = seeds.pivot_table(index=["method", "seed"], columns="role", values="value")
+            overall = pd.Series(fia_overall(wide["target"], wide["retain"]), index=wide.index)
+            agg = overall.groupby("method").agg(["mean", "std"])
+            rows.append(
+                [
+                    "**Overall (H)**",
+                    *(cell(*agg.loc[m]) if m in agg.index else "—" for m in methods),
+                ]
+            )
         tables.append(
             (
                 f"n_concepts={n} · {evaluator}/{metric} (mean ± std over seeds)",

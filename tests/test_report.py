@@ -60,3 +60,15 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
     concept_metrics = [t[0] for t in concept_tables(records, ["none", "uce"])]
     assert concept_metrics == ["n_concepts=1 · detector/nude (mean ± std over seeds)"]
     assert markdown_table(header, table).count("\n") == len(table) + 1
+
+
+def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
+    # seed 0: forget 0, retain 100 -> H 100; seed 1: forget 50, retain 50 -> H 50
+    rows = [
+        record("m", 0, "t", "accuracy", 0.0, "a", "target"),
+        record("m", 0, "r", "accuracy", 100.0, "b", "retain"),
+        record("m", 1, "t", "accuracy", 50.0, "a", "target"),
+        record("m", 1, "r", "accuracy", 50.0, "b", "retain"),
+    ]
+    [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"])
+    assert table[-1] == ["**Overall (H)**", "75.00 ± 35.36"]
