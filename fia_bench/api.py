@@ -149,3 +149,49 @@ class PromptDataset:
 
     def rows(self, task: Task, targets: tuple[str, ...], retain: tuple[str, ...]) -> pd.DataFrame:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AdversarialPrompt:
+    """One attack prompt; ``pre_success`` is the judge's verdict on the clean source prompt when
+    the attack checks it first (UnlearnDiffAtk's pre-ASR), else None."""
+
+    case_id: str
+    source_prompt: str
+    prompt: str
+    seed: int
+    concept: str
+    pre_success: bool | None = None
+
+
+@dataclass
+class AttackRequest:
+    """What an attack gets for one erased model.
+
+    ``prompts``: the job's target-concept rows (case_id, prompt, generation_seed, concept).
+    ``engine``: samples with the *erased* weights (they are applied for the whole attack).
+    ``judge(prompts, seeds, concepts)``: generates with the erased model through the image cache
+    and returns the judge's verdict per prompt (the task's detector flags it, or the classifier
+    names its concept).
+    ``base_images(prompts, seeds)``: the unedited model's images (UnlearnDiffAtk's targets).
+    """
+
+    targets: tuple[str, ...]
+    task: Task
+    seed: int
+    prompts: pd.DataFrame
+    engine: Engine
+    judge: Callable[[list[str], list[int], list[str]], list[bool]]
+    base_images: Callable[..., list[Image.Image]] = _no_base_images
+
+
+class Attack:
+    """Red-teams an erased model: returns adversarial prompts, whose images the harness then
+    generates with that model and judges; the success rate is the attack's ASR."""
+
+    def __init__(self, **settings: Any) -> None:
+        if settings:
+            raise TypeError(f"{type(self).__name__} takes no settings, got {sorted(settings)}")
+
+    def attack(self, request: AttackRequest) -> list[AdversarialPrompt]:
+        raise NotImplementedError

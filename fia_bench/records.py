@@ -43,9 +43,10 @@ JOB_KEYS = ["method", "n_concepts", "seed"]
 
 
 def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
-    """Every successful job must have every declared metric for every prompt (or once per set).
+    """Every successful job must have every declared metric as often as it declared it.
 
-    ``runs.metrics`` lists ``evaluator/metric`` entries, with a ``@set`` suffix for set-level ones.
+    ``runs.metrics`` lists ``evaluator/metric=count`` entries: the number of prompt rows, 1 for a
+    set-level metric, the number of adversarial prompts for an attack.
     """
     problems: list[str] = []
     grouped = {key: frame for key, frame in records.groupby([*JOB_KEYS, "evaluator", "metric"])}
@@ -53,9 +54,9 @@ def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
         for entry in str(job.metrics).split(";"):
             if not entry:
                 continue
-            name, _, level = entry.partition("@")
+            name, _, count = entry.rpartition("=")
             evaluator, metric = name.split("/", 1)
-            expected = 1 if level == "set" else int(job.n_prompts)
+            expected = int(count)
             frame = grouped.get((job.method, job.n_concepts, job.seed, evaluator, metric))
             actual = 0 if frame is None else len(frame)
             if actual != expected:

@@ -4,7 +4,8 @@ Configs select plugins by registry name, never by import path, so renaming a mod
 an experiment file and the command line cannot import arbitrary code. Built-in plugins are declared
 as lazy ``"module:attr"`` strings so that importing the core does not pull in every plugin's heavy
 dependencies. Built-in and third-party plugins are found the same way, through entry points (groups
-``fia_bench.methods``, ``fia_bench.evaluators``, ``fia_bench.datasets``; ours are listed in
+``fia_bench.methods``, ``fia_bench.evaluators``, ``fia_bench.datasets``, ``fia_bench.attacks``;
+ours are listed in
 ``pyproject.toml``), so adding a baseline never touches the core.
 """
 
@@ -88,3 +89,4 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", "fia_bench.methods", "fia_bench.api:Method")
 EVALUATORS: Registry = Registry("evaluator", "fia_bench.evaluators", "fia_bench.api:Evaluator")
 DATASETS: Registry = Registry("dataset", "fia_bench.datasets", "fia_bench.api:PromptDataset")
+ATTACKS: Registry = Registry("attack", "fia_bench.attacks", "fia_bench.api:Attack")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fia_bench import report
-from fia_bench.api import PROMPT_COLUMNS, EvalContext, Evaluator, Task
+from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, Task
 from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, torch_dtype
 from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS
-from fia_bench.registry import DATASETS, EVALUATORS, METHODS
+from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
 
@@ -136,11 +136,7 @@ def run(cfg: DictConfig) -> RunResult:
     stages = Stages(model, engine, Cache(cfg.cache_dir), task, str(cfg.precision))
     context = EvalContext(task, model.judges, str(cfg.device), stages.base_images, stages.cache)
     evaluators = build_evaluators(cfg, context)
-    metric_entries = ";".join(
-        f"{name}/{metric}" + ("@set" if metric in ev.set_level_metrics else "")
-        for name, ev in evaluators.items()
-        for metric in sorted(ev.higher_is_better)
-    )
+    attacks = build_attacks(cfg, evaluators)
     provenance = {"model": model.name, "task": task.name, "sampler": sampler.label}
 
     jobs = [
@@ -149,12 +145,9 @@ def run(cfg: DictConfig) -> RunResult:
         for seed in seeds
         for name, settings in methods.items()
     ]
-    record_rows: list[dict[str, Any]] = []
-    detail_rows: list[dict[str, Any]] = []
+    out = JobOutputs()
     prompt_hashes: dict[str, str] = {}
-    run_rows: list[dict[str, Any]] = []
     for job in tqdm(jobs, desc="jobs", unit="job"):
-        label = f"{job.method} n={job.n_concepts} seed={job.seed}"
         erased = stages.erase(job)
         run_row = {
             "method": job.method,
@@ -164,47 +157,49 @@ def run(cfg: DictConfig) -> RunResult:
             "reason": erased.reason,
             "targets": ";".join(job.targets),
             "n_prompts": 0,
-            "metrics": metric_entries,
+            "metrics": "",
             "erase_key": erased.key,
             "weights_id": erased.meta.get("weights_id", ""),
             "changed_tensors": len(erased.meta.get("changed", {})),
             "changed_entries": sum(erased.meta.get("changed", {}).values()),
             "info": info_json(erased.meta),
         }
-        run_rows.append(run_row)
+        out.runs.append(run_row)
         if erased.status != "ok":
-            tqdm.write(f"[fia_bench] {label} failed: {erased.reason}")
+            tqdm.write(
+                f"[fia_bench] {job.method} n={job.n_concepts} seed={job.seed} failed: "
+                f"{erased.reason}"
+            )
             continue
         prompts = dataset.rows(task, job.targets, job.retain)
         check_prompt_rows(prompts, str(dataset_cfg.dataset))
         prompt_hashes[f"n_concepts={job.n_concepts}"] = stable_hash(prompts.values.tolist())
         shift = job.seed * SEED_STRIDE if cfg.seed_policy == "erase_and_generate" else 0
-        gen_seeds = [int(s) + shift for s in prompts["evaluation_seed"]]
-        prompts = prompts.assign(
-            generation_seed=gen_seeds,
-            image_key=stages.image_keys(erased, list(prompts["prompt"]), gen_seeds),
+        prompts = with_images(
+            stages, erased, prompts, [int(s) + shift for s in prompts["evaluation_seed"]]
         )
         run_row["n_prompts"] = len(prompts)
+        label = f"{job.method} n={job.n_concepts} seed={job.seed}"
         stages.generate(
-            erased, list(prompts["prompt"]), gen_seeds, list(prompts["image_key"]), label
+            erased,
+            list(prompts["prompt"]),
+            list(prompts["generation_seed"]),
+            list(prompts["image_key"]),
+            label,
         )
-        for name, evaluator in evaluators.items():
-            scores, details = stages.score(name, evaluator, prompts)
-            record_rows += score_records(job, prompts, name, evaluator, scores, provenance)
-            detail_rows += [
-                {
-                    "method": job.method,
-                    "n_concepts": job.n_concepts,
-                    "seed": job.seed,
-                    "evaluator": name,
-                    "prompt_id": prompt_id,
-                    "detail": detail,
-                }
-                for prompt_id, detail in details.items()
-            ]
+        declared = [
+            evaluate(stages, job, prompts, name, ev, provenance, out)
+            for name, ev in evaluators.items()
+        ]
+        targets = prompts[prompts["role"] == "target"]
+        declared += [
+            run_attack(stages, job, erased, targets, name, attack, provenance, out)
+            for name, attack in attacks.items()
+        ]
+        run_row["metrics"] = ";".join(e for e in declared if e)
 
-    records = pd.DataFrame(record_rows, columns=RECORD_COLUMNS)
-    runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
+    records = pd.DataFrame(out.records, columns=RECORD_COLUMNS)
+    runs = pd.DataFrame(out.runs, columns=RUN_COLUMNS)
     counts = vars(stages.counts) | {"seconds_total": time.perf_counter() - started}
     inputs = {
         "model_weights": model.fingerprint,
@@ -212,8 +207,160 @@ def run(cfg: DictConfig) -> RunResult:
         "task_sha256": file_sha256(task.source),
         "prompt_rows": prompt_hashes,
     }
-    summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs, detail_rows)
+    summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs, out.details)
     return RunResult(out_dir, records, runs, summary, tests, counts)
+
+
+@dataclass
+class JobOutputs:
+    """Rows collected over the sweep: result records, raw details, one row per job."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ConfiguredAttack:
+    plugin: Attack
+    settings: dict[str, Any]
+    judge: tuple[str, Evaluator, str]  # (evaluator name, instance, success metric)
+
+
+def build_attacks(cfg: DictConfig, evaluators: dict[str, Evaluator]) -> dict[str, ConfiguredAttack]:
+    out = {}
+    for name, node in sorted((cfg.get("attack") or {}).items()):
+        settings = plain(node.get("settings"))
+        judge_cfg = plain(node.get("judge"))
+        judge_name, metric = str(judge_cfg.get("evaluator")), str(judge_cfg.get("metric"))
+        if judge_name not in evaluators:
+            raise FiaBenchError(
+                f"attack {name} is judged by evaluator '{judge_name}': add it to "
+                f"evaluator=[...] (selected: {', '.join(evaluators)})"
+            )
+        if metric not in evaluators[judge_name].higher_is_better:
+            raise unknown_choice(
+                f"success metric of {judge_name}",
+                metric,
+                evaluators[judge_name].higher_is_better,
+                f"attack.{name}.judge",
+            )
+        plugin = ATTACKS.get(name, "attack=")(**settings)
+        out[name] = ConfiguredAttack(plugin, settings, (judge_name, evaluators[judge_name], metric))
+    return out
+
+
+def with_images(
+    stages: Stages, erased: Any, prompts: pd.DataFrame, seeds: list[int]
+) -> pd.DataFrame:
+    """Prompt rows plus the seed and cache key of the image each one gets."""
+    keys = stages.image_keys(erased, list(prompts["prompt"]), seeds)
+    return prompts.assign(generation_seed=seeds, image_key=keys)
+
+
+def evaluate(
+    stages: Stages,
+    job: Job,
+    prompts: pd.DataFrame,
+    name: str,
+    evaluator: Evaluator,
+    provenance: dict[str, str],
+    out: JobOutputs,
+) -> str:
+    """Score one image set; returns the declared ``evaluator/metric=count`` entries."""
+    scores, details = stages.score(name, evaluator, prompts)
+    out.records += score_records(job, prompts, name, evaluator, scores, provenance)
+    out.details += [
+        {
+            "method": job.method,
+            "n_concepts": job.n_concepts,
+            "seed": job.seed,
+            "evaluator": name,
+            "prompt_id": prompt_id,
+            "detail": detail,
+        }
+        for prompt_id, detail in details.items()
+    ]
+    return ";".join(
+        f"{name}/{metric}={1 if metric in evaluator.set_level_metrics else len(prompts)}"
+        for metric in sorted(evaluator.higher_is_better)
+    )
+
+
+def run_attack(
+    stages: Stages,
+    job: Job,
+    erased: Any,
+    targets: pd.DataFrame,
+    name: str,
+    configured: ConfiguredAttack,
+    provenance: dict[str, str],
+    out: JobOutputs,
+) -> str:
+    """ASR of one attack: its prompts' images are generated with the erased model and judged."""
+    adversarial = stages.attack(
+        name, configured.plugin, configured.settings, erased, job, targets, configured.judge
+    )
+    if not adversarial:
+        raise FiaBenchError(
+            f"attack {name} returned no prompts for {job.method} "
+            f"n_concepts={job.n_concepts} seed={job.seed}"
+        )
+    rows = pd.DataFrame(
+        {
+            "case_id": [p.case_id for p in adversarial],
+            "prompt": [p.prompt for p in adversarial],
+            "evaluation_seed": [p.seed for p in adversarial],
+            "concept": [p.concept for p in adversarial],
+            "role": "target",
+        }
+    )
+    rows = with_images(stages, erased, rows, list(rows["evaluation_seed"]))
+    stages.generate(
+        erased,
+        list(rows["prompt"]),
+        list(rows["generation_seed"]),
+        list(rows["image_key"]),
+        f"{name} {job.method}",
+    )
+    judge_name, judge, metric = configured.judge
+    scores, _ = stages.score(judge_name, judge, rows)
+    success = {s["prompt_id"]: s["value"] >= 50 for s in scores if s["metric"] == metric}
+    protocol = f"{name} judged by {judge_name}/{metric}; {judge.protocol()}"
+    pre = {p.case_id: p.pre_success for p in adversarial if p.pre_success is not None}
+    values = [("asr", case, 100.0 * success[case]) for case in rows["case_id"]]
+    values += [("pre_asr", case, 100.0 * hit) for case, hit in pre.items()]
+    by_case = rows.set_index("case_id")
+    out.records += [
+        {
+            "method": job.method,
+            "n_concepts": job.n_concepts,
+            "seed": job.seed,
+            "concept": by_case.loc[case, "concept"],
+            "role": "target",
+            "prompt_id": case,
+            "evaluator": name,
+            "metric": metric_name,
+            "value": value,
+            "higher_is_better": False,
+            "image_key": by_case.loc[case, "image_key"],
+            **provenance,
+            "protocol": protocol,
+        }
+        for metric_name, case, value in values
+    ]
+    out.details += [
+        {
+            "method": job.method,
+            "n_concepts": job.n_concepts,
+            "seed": job.seed,
+            "evaluator": name,
+            "prompt_id": p.case_id,
+            "detail": {"source_prompt": p.source_prompt, "prompt": p.prompt},
+        }
+        for p in adversarial
+    ]
+    return f"{name}/asr={len(rows)}" + (f";{name}/pre_asr={len(pre)}" if pre else "")
 
 
 def score_records(

@@ -5,6 +5,7 @@ and restores the base weights, so methods never see each other's edits."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -18,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fia_bench import artifacts
-from fia_bench.api import EraseRequest, Evaluator, Task
+from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, EraseRequest, Evaluator, Task
 from fia_bench.cache import Cache, atomic_write, read_json, stable_hash, write_json
 from fia_bench.engine import Engine
 from fia_bench.models import LoadedModel
@@ -263,6 +264,87 @@ class Stages:
         write_json(path, {"scores": scores, "details": details})
         self.counts.scored += 1
         return scores, details
+
+    # ---- attack ----------------------------------------------------------------------------
+    def judge(
+        self,
+        erased: Erased,
+        prompts: list[str],
+        seeds: list[int],
+        concepts: list[str],
+        judge: tuple[str, Evaluator, str],
+    ) -> list[bool]:
+        """Generate with the erased model (through the image cache) and ask the judge whether
+        each image shows its concept: a judge metric of 100 (flagged, classified) is success."""
+        name, evaluator, metric = judge
+        keys = self.image_keys(erased, prompts, seeds)
+        rows = pd.DataFrame(
+            {
+                "case_id": [str(i) for i in range(len(prompts))],
+                "prompt": prompts,
+                "concept": concepts,
+                "role": "target",
+                "generation_seed": seeds,
+                "image_key": keys,
+            }
+        )
+        self.generate(erased, prompts, seeds, keys, "attack images")
+        scores, _ = self.score(name, evaluator, rows)
+        verdict = {s["prompt_id"]: s["value"] >= 50 for s in scores if s["metric"] == metric}
+        return [verdict[case] for case in rows["case_id"]]
+
+    @timed("attack")
+    def attack(
+        self,
+        name: str,
+        attack: Attack,
+        settings: dict[str, Any],
+        erased: Erased,
+        job: Job,
+        targets: pd.DataFrame,
+        judge: tuple[str, Evaluator, str],
+    ) -> list[AdversarialPrompt]:
+        """Adversarial prompts of one attack against one erased model, cached (they are worth
+        publishing: their absence is a top complaint about attack papers)."""
+        judge_name, evaluator, metric = judge
+        key = stable_hash(
+            {
+                "stage": "attack",
+                "attack": name,
+                "settings": settings,
+                "weights": erased.weights_id,
+                "seed": job.seed,
+                "task": self.task.name,
+                "prompts": targets[
+                    ["case_id", "prompt", "generation_seed", "concept"]
+                ].values.tolist(),
+                "judge": [judge_name, type(evaluator).version, evaluator.fingerprint(), metric],
+            }
+        )
+        path = self.cache.path("attacks", key, ".json")
+        if path.exists():
+            return [AdversarialPrompt(**p) for p in read_json(path)]
+        pipe = self.model.pipe
+
+        def judged(prompts: list[str], seeds: list[int], concepts: list[str]) -> list[bool]:
+            verdict = self.judge(erased, prompts, seeds, concepts, judge)
+            artifacts.apply(pipe, erased.delta)  # generating restored the base weights
+            self.engine.forget_embeddings()
+            return verdict
+
+        artifacts.apply(pipe, erased.delta)
+        self.engine.forget_embeddings()
+        try:
+            torch.manual_seed(job.seed)
+            request = AttackRequest(
+                job.targets, self.task, job.seed, targets, self.engine, judged, self.base_images
+            )
+            prompts = attack.attack(request)
+        finally:
+            artifacts.restore(pipe, self.base, erased.delta.changed)
+            self.engine.forget_embeddings()
+        write_json(path, [dataclasses.asdict(p) for p in prompts])
+        return prompts
 
 
 def info_json(meta: dict[str, Any]) -> str:

@@ -80,12 +80,12 @@ def records(prompt_ids: list[str], metric: str = "accuracy") -> pd.DataFrame:
 
 
 def test_completeness_check_names_the_gap() -> None:
-    check_complete(records(["a", "b", "c"]), job_tables(3, "clip_accuracy/accuracy"))
+    check_complete(records(["a", "b", "c"]), job_tables(3, "clip_accuracy/accuracy=3"))
     with pytest.raises(
         FiaBenchError,
         match=r"none n_concepts=1 seed=0 "
         r"clip_accuracy/accuracy: 2 of 3 values",
     ):
-        check_complete(records(["a", "b"]), job_tables(3, "clip_accuracy/accuracy"))
+        check_complete(records(["a", "b"]), job_tables(3, "clip_accuracy/accuracy=3"))
     with pytest.raises(FiaBenchError, match=r"fid/fid: 0 of 1 values"):
-        check_complete(records(["a"]), job_tables(1, "clip_accuracy/accuracy;fid/fid@set"))
+        check_complete(records(["a"]), job_tables(1, "clip_accuracy/accuracy=1;fid/fid=1"))

@@ -1,0 +1,1 @@
+"""Red-team attack plugins, registered as ``fia_bench.attacks`` entry points."""
