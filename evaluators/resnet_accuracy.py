@@ -1,10 +1,11 @@
 """Top-1 ImageNet accuracy with torchvision's ResNet-50, the object classifier of ESD, UCE and FIA.
 
 An image counts as its concept when the predicted ImageNet label matches it. ``match=name`` is
-FIA's rule: the concept name occurs in the predicted category name, case-insensitively
-("english springer" in "English springer"); ``match=ids`` uses fixed label ids per concept as
-UnlearnDiffAtk does (baselines_evaluators.md §3). ``weights=random`` builds the same network with
-seeded random weights for offline tests."""
+FIA's released rule: a case-insensitive substring match in either direction between the concept
+and the predicted category (methods.md §2.8), which also accepts "cassette" for cassette player,
+"chain" for chain saw and "gar" (a fish) for garbage truck; ``match=ids`` uses fixed label ids per
+concept as UnlearnDiffAtk does (baselines_evaluators.md §3). ``weights=random`` builds the same
+network with seeded random weights for offline tests."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ class ResNetAccuracy(Evaluator):
                     "evaluator.resnet_accuracy.settings.label_ids"
                 )
             return self.label_ids[concept] == label
-        return concept.lower() in self.categories[label].lower()
+        concept, category = concept.lower(), self.categories[label].lower()
+        return concept in category or category in concept
 
     def reset(self) -> None:
         self._scores: list[Score] = []

@@ -34,12 +34,17 @@ def evaluator(match: str) -> ResNetAccuracy:
     )
 
 
+# FIA's either-direction substring rule also accepts these shorter ImageNet categories
+NAME_RULE_EXTRAS = {"cassette player": [481], "chain saw": [488], "garbage truck": [395]}
+
+
 @pytest.mark.parametrize("match", ["name", "ids"])
-def test_imagenette_concepts_match_exactly_their_own_label(match: str) -> None:
+def test_imagenette_label_matching_rules(match: str) -> None:
     ev = evaluator(match)
     for concept, label in IMAGENETTE_IDS.items():
         matching = [i for i in range(1000) if ev.matches(concept, i)]
-        assert matching == [label], (concept, [ev.categories[i] for i in matching])
+        extras = NAME_RULE_EXTRAS.get(concept, []) if match == "name" else []
+        assert matching == sorted([label, *extras]), (concept, [ev.categories[i] for i in matching])
 
 
 def test_run_with_random_weights_records_predicted_categories(
