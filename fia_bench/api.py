@@ -111,6 +111,7 @@ class Evaluator:
 
     context: EvalContext
     settings: dict[str, Any] = field(default_factory=dict)
+    roles: list[str] = field(default_factory=list)  # prompt roles it scores; empty: all
     higher_is_better: ClassVar[dict[str, bool]] = {}
     set_level_metrics: ClassVar[frozenset[str]] = frozenset()
     version: ClassVar[str] = "1"
@@ -142,7 +143,12 @@ class Evaluator:
 
 
 class PromptDataset:
-    """Turns a task and a target/retain split into prompt rows (``PROMPT_COLUMNS``)."""
+    """Turns a task and a target/retain split into prompt rows (``PROMPT_COLUMNS``).
+
+    ``cache`` is set by the harness before ``rows`` is called: where fetched files are kept.
+    """
+
+    cache: Cache
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings

@@ -40,7 +40,7 @@ PACKAGES = (
     "safetensors",
 )
 COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
-ROLE_LABEL = {"target": "forget", "retain": "retain", "all": "all"}
+ROLE_LABEL = {"target": "forget", "retain": "retain", "quality": "quality", "all": "all"}
 
 
 # ---- tables --------------------------------------------------------------------------------

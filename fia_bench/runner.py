@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from fia_bench import report
-from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, Task
+from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, PromptDataset, Task
 from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
@@ -100,6 +100,12 @@ def plain(node: Any) -> dict[str, Any]:
     return {} if node is None else OmegaConf.to_container(node, resolve=True)
 
 
+def build_dataset(node: DictConfig, where: str, cache: Cache) -> PromptDataset:
+    dataset = DATASETS.get(str(node.dataset), f"{where}.dataset")(**plain(node.get("settings")))
+    dataset.cache = cache
+    return dataset
+
+
 def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluator]:
     selected = cfg.get("evaluator") or {}
     if not selected:
@@ -108,6 +114,7 @@ def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluat
     for name in sorted(selected):
         settings = plain(selected[name].get("settings"))
         out[name] = EVALUATORS.get(name, "evaluator=")(context=context, settings=settings)
+        out[name].roles = list(selected[name].get("roles") or [])
     return out
 
 
@@ -120,10 +127,12 @@ def run(cfg: DictConfig) -> RunResult:
         raise unknown_choice("seed_policy", cfg.seed_policy, SEED_POLICIES, "seed_policy=")
     task = load_task(str(cfg.task.name), str(cfg.model.world))
     splits = resolve_splits(cfg, task)
-    dataset_cfg = cfg.task.prompts
-    dataset = DATASETS.get(str(dataset_cfg.dataset), "task.prompts.dataset")(
-        **plain(dataset_cfg.get("settings"))
-    )
+    cache = Cache(cfg.cache_dir)
+    datasets = {
+        key: build_dataset(cfg.task[key], f"task.{key}", cache)
+        for key in ("prompts", "quality")
+        if cfg.task.get(key)
+    }
     sampler = Sampler.from_config(cfg.sampler)
     dtype = torch_dtype(cfg.precision)
     method_settings = plain(cfg.method.get("settings"))
@@ -133,7 +142,7 @@ def run(cfg: DictConfig) -> RunResult:
 
     model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
     engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype)
-    stages = Stages(model, engine, Cache(cfg.cache_dir), task, str(cfg.precision))
+    stages = Stages(model, engine, cache, task, str(cfg.precision))
     context = EvalContext(task, model.judges, str(cfg.device), stages.base_images, stages.cache)
     evaluators = build_evaluators(cfg, context)
     attacks = build_attacks(cfg, evaluators)
@@ -171,8 +180,13 @@ def run(cfg: DictConfig) -> RunResult:
                 f"{erased.reason}"
             )
             continue
-        prompts = dataset.rows(task, job.targets, job.retain)
-        check_prompt_rows(prompts, str(dataset_cfg.dataset))
+        prompts = pd.concat(
+            [
+                check_prompt_rows(d.rows(task, job.targets, job.retain), f"task.{key}")
+                for key, d in datasets.items()
+            ],
+            ignore_index=True,
+        )
         prompt_hashes[f"n_concepts={job.n_concepts}"] = stable_hash(prompts.values.tolist())
         shift = job.seed * SEED_STRIDE if cfg.seed_policy == "erase_and_generate" else 0
         prompts = with_images(
@@ -267,7 +281,15 @@ def evaluate(
     provenance: dict[str, str],
     out: JobOutputs,
 ) -> str:
-    """Score one image set; returns the declared ``evaluator/metric=count`` entries."""
+    """Score the rows of the roles the evaluator's config names (all by default); returns the
+    declared ``evaluator/metric=count`` entries."""
+    if evaluator.roles:
+        prompts = prompts[prompts["role"].isin(evaluator.roles)]
+        if prompts.empty:
+            raise FiaBenchError(
+                f"evaluator {name} scores roles {evaluator.roles}, which this "
+                "task has no prompts for (add task.quality for 'quality')"
+            )
     scores, details = stages.score(name, evaluator, prompts)
     out.records += score_records(job, prompts, name, evaluator, scores, provenance)
     out.details += [
@@ -397,10 +419,11 @@ def score_records(
     return rows
 
 
-def check_prompt_rows(prompts: pd.DataFrame, dataset: str) -> None:
+def check_prompt_rows(prompts: pd.DataFrame, where: str) -> pd.DataFrame:
     missing = [c for c in PROMPT_COLUMNS if c not in prompts.columns]
     if missing or prompts.empty:
-        raise FiaBenchError(f"dataset '{dataset}' returned no rows or lacks {missing}")
+        raise FiaBenchError(f"the dataset of {where} returned no rows or lacks {missing}")
+    return prompts
 
 
 def file_sha256(path: str) -> str:
