@@ -12,13 +12,17 @@ import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
 from fia_bench.errors import FiaBenchError
+from fia_bench.tasks import data_root
 
 REQUIRED = ("case_id", "prompt", "evaluation_seed", "concept")
 
 
 def read_prompt_file(path: str | Path) -> pd.DataFrame:
-    """Read and check a prompt CSV; every problem is reported with the file and line."""
+    """Read and check a prompt CSV; every problem is reported with the file and line. A relative
+    path that does not exist here is looked up among the shipped prompt sets (datasets/data/)."""
     path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (data_root() / path).is_file():
+        path = data_root() / path
     if not path.is_file():
         raise FiaBenchError(f"prompt file {path} does not exist")
     raw = path.read_bytes()

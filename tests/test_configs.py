@@ -36,10 +36,19 @@ def test_every_option_composes(override: str) -> None:
 
 
 @pytest.mark.parametrize("world", worlds())
-def test_every_task_of_every_world_loads(world: str) -> None:
-    for task in options("task"):
+def test_every_world_has_the_three_tasks(world: str) -> None:
+    for task in ("objects", "styles", "explicit"):
         loaded = load_task(task, world)
         assert len(loaded.concepts) >= 2 and loaded.templates
+
+
+def test_shipped_prompt_sets_match_their_generator(tmp_path: Path) -> None:
+    from fia_bench.datasets.make_prompt_sets import main
+    from fia_bench.tasks import data_root
+
+    main(["--out", str(tmp_path)])
+    for name in ("imagenette.csv", "imagenet50.csv"):
+        assert (tmp_path / name).read_bytes() == (data_root() / "sd" / name).read_bytes()
 
 
 def test_console_script_is_the_module() -> None:
