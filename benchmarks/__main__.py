@@ -20,7 +20,7 @@ import torch
 import fia_bench
 from fia_bench.cache import write_json, write_text
 from fia_bench.engine import Engine, Sampler
-from fia_bench.models import tiny_random_pipeline
+from fia_bench.models import random_pipeline
 from fia_bench.report import markdown_table
 from fia_bench.tasks import load_task, world_vocabulary
 
@@ -32,7 +32,7 @@ def timed(fn) -> float:
 
 
 def generation(images: int, steps: int, batch_size: int, device: str) -> dict[str, float]:
-    pipe = tiny_random_pipeline(world_vocabulary("tiny"), resolution=16, seed=0).to(device)
+    pipe = random_pipeline("tiny", world_vocabulary("tiny"), resolution=16, seed=0).to(device)
     pipe.set_progress_bar_config(disable=True)
     task = load_task("objects", "tiny")
     prompts = [f"a photo of a {task.concepts[i % len(task.concepts)]}" for i in range(images)]

@@ -91,11 +91,62 @@ def word_tokenizer(words: Iterable[str], max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def tiny_random_pipeline(vocabulary: Iterable[str], resolution: int, seed: int):
-    """The SD v1 architecture shrunk to a few hundred thousand parameters, with random weights.
+# Component configs of the architectures we can build without downloading anything. ``sd_v1`` is
+# SD v1.4/v1.5 exactly (859,520,964 UNet, 83,653,863 VAE and 123,060,480 text-encoder
+# parameters); ``tiny`` keeps its block types and module names with small widths.
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        ),
+        "vae": dict(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            norm_num_groups=16,
+        ),
+        "text": dict(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2
+        ),
+    },
+    "sd_v1": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        "vae": dict(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+        ),
+        "text": dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+        ),
+    },
+}
 
-    Block types, module names (``attn1``, ``attn2.to_k``, ``ff.net.0``, ``ff.net.2``), the text
-    encoder class and the scheduler are those of SD v1.x; only the widths are small.
+
+def random_pipeline(architecture: str, vocabulary: Iterable[str], resolution: int, seed: int):
+    """An SD-v1-layout pipeline with seeded random weights, built from ``ARCHITECTURES``.
+
+    The tokenizer is our own word tokenizer (the real CLIP vocabulary would need a download); the
+    text encoder's embedding table keeps the architecture's size when it has one.
     """
     from diffusers import (
         AutoencoderKL,
@@ -105,41 +156,28 @@ def tiny_random_pipeline(vocabulary: Iterable[str], resolution: int, seed: int):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if architecture not in ARCHITECTURES:
+        raise unknown_choice("architecture", architecture, ARCHITECTURES, "model.architecture")
+    arch = ARCHITECTURES[architecture]
     tokenizer = word_tokenizer(vocabulary)
+    vae_factor = 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
+        sample_size=resolution // vae_factor, in_channels=4, out_channels=4, **arch["unet"]
     )
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=resolution,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=resolution, **arch["vae"]
     )
+    text = {"vocab_size": len(tokenizer)} | arch["text"]
+    if text["vocab_size"] < len(tokenizer):
+        raise ValueError(f"tokenizer of {len(tokenizer)} tokens exceeds the text encoder's table")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **text,
         )
     )
     return StableDiffusionPipeline(
@@ -186,12 +224,16 @@ def weights_fingerprint(pipe: Any) -> str:
 
 def load_model(cfg: Any, vocabulary: Iterable[str], device: str, precision: str) -> LoadedModel:
     dtype = torch_dtype(precision)
-    if cfg.builder == "tiny_random":
-        pipe = tiny_random_pipeline(vocabulary, int(cfg.resolution), int(cfg.seed))
-    elif cfg.builder == "pretrained":
+    if cfg.weights == "random":
+        pipe = random_pipeline(
+            str(cfg.architecture), vocabulary, int(cfg.resolution), int(cfg.get("seed", 0))
+        )
+    elif cfg.weights == "pretrained":
         pipe = pretrained_pipeline(str(cfg.source), cfg.get("revision"), dtype)
     else:
-        raise unknown_choice("model builder", cfg.builder, ["tiny_random", "pretrained"], "model")
+        raise unknown_choice(
+            "model weights", cfg.weights, ["pretrained", "random"], "model.weights"
+        )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if pipe.unet.dtype != dtype:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from fia_bench.engine import Engine, Sampler
-from fia_bench.models import tiny_random_pipeline
+from fia_bench.models import random_pipeline
 from fia_bench.tasks import world_vocabulary
 
 
 def tiny_pipe():
-    return tiny_random_pipeline(world_vocabulary("tiny"), resolution=16, seed=0)
+    return random_pipeline("tiny", world_vocabulary("tiny"), resolution=16, seed=0)
 
 
 def tiny_engine(pipe=None, steps: int = 2, batch_size: int = 4) -> Engine:
