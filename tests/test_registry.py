@@ -70,3 +70,9 @@ def test_importing_the_core_imports_no_heavy_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_attack_config_is_registered_and_vice_versa() -> None:
+    from fia_bench.registry import ATTACKS
+
+    assert config_names("attack", None) == set(ATTACKS.names())
