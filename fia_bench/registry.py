@@ -26,6 +26,7 @@ class Registry(Generic[T]):
         self.entry_point_group = entry_point_group
         self._base_spec = base
         self._specs: dict[str, str] = {}
+        self._entry_specs: dict[str, str] = {}
         self._loaded: dict[str, type[T]] = {}
         self._entry_points_read = False
 
@@ -43,8 +44,13 @@ class Registry(Generic[T]):
         return decorator
 
     def unregister(self, name: str) -> None:
-        self._specs.pop(name, None)
+        """Drop an in-code registration; a plugin installed through an entry point stays."""
+        self._read_entry_points()
         self._loaded.pop(name, None)
+        if name in self._entry_specs:
+            self._specs[name] = self._entry_specs[name]
+        else:
+            self._specs.pop(name, None)
 
     def _claim(self, name: str, spec: str) -> None:
         existing = self._specs.get(name)
@@ -58,8 +64,8 @@ class Registry(Generic[T]):
             return
         self._entry_points_read = True
         for ep in entry_points(group=self.entry_point_group):
-            if ep.name not in self._specs:
-                self._specs[ep.name] = ep.value
+            self._entry_specs[ep.name] = ep.value
+            self._specs.setdefault(ep.name, ep.value)
 
     def names(self) -> list[str]:
         self._read_entry_points()
