@@ -1,1 +1,3 @@
-"""Speed benchmarks: every figure is a ratio against a baseline measured in the same run."""
+"""Speed benchmarks (``python -m benchmarks``): generation against a naive baseline measured in
+the same run, method edit times at SD v1 scale, and the GPU-hours they project for the paper
+tables. See benchmarks/README.md."""

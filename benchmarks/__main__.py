@@ -1,131 +1,434 @@
-"""``make bench``: generation throughput of our engine against the naive per-prompt diffusers loop,
-and a whole harness job with a cold cache against the same job re-run on a warm cache.
+"""``make bench``: generation throughput of our engine against the naive per-prompt diffusers
+loop, measured in the same run, plus one of:
 
-    python -m benchmarks [--images 32] [--steps 10] [--out benchmarks/results]
+* ``--scale tiny`` (default): a whole harness job on a cold cache against the same job re-run
+  on a warm cache, on the tiny world (CPU-sized);
+* ``--scale sd``: the SD v1.4 architecture with random weights (weights do not change speed),
+  the methods' edit times through their plugins, those figures beside the targets and the
+  papers' own, and the projected GPU-hours to reproduce FIA Tables 1 and 3 (``projection.py``).
 
-Defaults are CPU-sized on the tiny world; results go to ``<out>/bench_<device>.json`` and ``.md``.
+    python -m benchmarks                                    # tiny, CPU
+    python -m benchmarks --scale sd --device cuda [--compile]
+    python -m benchmarks --scale sd --sd-steps 2 --sd-resolution 128 --images 2 ...   # CPU smoke
+
+Results go to ``<out>/bench_<device>`` (tiny) or ``<out>/bench_sd_<device>`` (sd), ``.json`` and
+``.md``; ``fia_bench.plan`` reads the engine rate of ``bench_sd_cuda.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import os
 import platform
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import diffusers
 import torch
+import yaml
 
 import fia_bench
+from benchmarks import erasure, generation, projection
 from fia_bench.cache import write_json, write_text
-from fia_bench.engine import Engine, Sampler
-from fia_bench.models import random_pipeline
+from fia_bench.engine import AUTO, EngineOptions
+from fia_bench.errors import FiaBenchError
+from fia_bench.models import random_pipeline, torch_dtype
 from fia_bench.report import markdown_table
-from fia_bench.tasks import load_task, world_vocabulary
+from fia_bench.tasks import world_vocabulary
+
+PROTOCOL = {"resolution": 512, "steps": 50}  # the paper protocol the targets are stated at
+HARNESS_JOB = ["model=tiny_random", "method=uce", "seeds=2", "n_concepts=[1,3]"]
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=("tiny", "sd"), default="tiny")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--images", type=int, help="images the engine makes (tiny 32, sd 64)")
+    p.add_argument("--batch-size", default=None, help="engine micro-batch: auto or N (tiny 16)")
+    p.add_argument("--steps", type=int, default=10, help="tiny: DDIM steps")
+    p.add_argument(
+        "--job", action="append", default=[], help="tiny: an override for the harness job"
+    )
+    p.add_argument("--sd-steps", type=int, default=PROTOCOL["steps"], help="sd: DDIM steps")
+    p.add_argument("--sd-resolution", type=int, default=PROTOCOL["resolution"])
+    p.add_argument("--naive-images", type=int, default=8, help="sd: images of the naive loop")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="sd engine and methods")
+    p.add_argument("--compile", action="store_true", help="sd: torch.compile the engine's UNet")
+    p.add_argument("--train-steps", type=int, default=100, help="sd: ESD/Dynamic Mask steps timed")
+    p.add_argument("--concepts", default="10,50", help="sd: the two UCE/ScaPre concept counts")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="sd: a method setting over its conf/method default (repeatable)",
+    )
+    return p.parse_args(argv)
 
 
-def generation(images: int, steps: int, batch_size: int, device: str) -> dict[str, float]:
-    pipe = random_pipeline("tiny", world_vocabulary("tiny"), resolution=16, seed=0).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    task = load_task("objects", "tiny")
-    prompts = [f"a photo of a {task.concepts[i % len(task.concepts)]}" for i in range(images)]
-    seeds = list(range(images))
+def batch_option(value: str | None, default: str) -> int | None:
+    text = value or default
+    if text == AUTO:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise FiaBenchError(f"--batch-size must be '{AUTO}' or a positive integer, got {text!r}")
+    return int(text)
 
-    def naive() -> None:
-        for prompt, seed in zip(prompts, seeds, strict=True):
-            pipe(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=7.5,
-                height=16,
-                width=16,
-                generator=torch.Generator("cpu").manual_seed(seed),
-            )
 
-    engine = Engine(pipe, Sampler("ddim", steps, 7.5, 0.0, batch_size), 16, device, torch.float32)
+def concept_counts(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or len(set(parts)) < 2:
+        raise FiaBenchError(f"--concepts takes two different counts such as 10,50, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
-    def batched() -> None:
-        for start in range(0, images, batch_size):
-            engine.generate(prompts[start : start + batch_size], seeds[start : start + batch_size])
 
-    naive()  # warm-up of both paths before timing
-    batched()
-    naive_s, engine_s = timed(naive), timed(batched)
+def method_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, setting = key.partition(".")
+        if not (sep and dot and method and setting):
+            raise FiaBenchError(f"--set takes METHOD.KEY=VALUE, got {item!r}")
+        out.setdefault(method, {})[setting] = yaml.safe_load(value)
+    return out
+
+
+def machine(device: str, command: str) -> dict[str, Any]:
+    """Where the figures were taken: they mean nothing without it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
+    on_cuda = torch.device(device).type == "cuda"
     return {
-        "images": images,
-        "steps": steps,
-        "batch_size": batch_size,
-        "naive_images_per_s": images / naive_s,
-        "engine_images_per_s": images / engine_s,
-        "speedup": naive_s / engine_s,
-    }
-
-
-def harness(overrides: list[str]) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["FIA_BENCH_CACHE"] = str(Path(tmp) / "cache")
-        cold = timed(lambda: fia_bench.run(overrides, out_dir=str(Path(tmp) / "cold")))
-        warm = timed(lambda: fia_bench.run(overrides, out_dir=str(Path(tmp) / "warm")))
-    return {"cold_s": cold, "warm_s": warm, "speedup": cold / warm}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-
-    gen = generation(args.images, args.steps, args.batch_size, args.device)
-    job = ["method=uce", "seeds=2", "n_concepts=[1,3]", f"device={args.device}"]
-    run = harness(job)
-    result = {
-        "device": args.device,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "cpu": models[0] if models else platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "niceness": os.nice(0),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "generation": gen,
-        "harness": {"overrides": job, **run},
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+        "command": command,
     }
-    stem = args.out / f"bench_{args.device}"
-    write_json(stem.with_suffix(".json"), result)
+
+
+def header(m: dict[str, Any], title: str) -> list[str]:
+    where = m["device_name"] if m["device"] != "cpu" else f"CPU ({m['cpu']})"
+    return [
+        f"# {title}",
+        "",
+        f"Ran on {where}: {m['cpu_count']} cores, torch threads {m['torch_threads']} at nice "
+        f"{m['niceness']}, load average {m['load_average_at_start'][0]} at start; "
+        f"torch {m['torch']}, diffusers "
+        f"{m['diffusers']}, {m['date_utc']} UTC. Command: `{m['command']}`.",
+        "",
+    ]
+
+
+def num(x: float) -> str:
+    """Three significant digits, without an exponent for large values."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def generation_table(gen: dict[str, Any]) -> str:
+    engine = (
+        f"fia_bench engine ({gen['precision']}, batch {gen['batch_size']}, batched CFG"
+        + (", channels_last" if gen["channels_last"] else "")
+        + (", compiled" if gen["compile"] else "")
+        + ")"
+    )
     rows = [
         [
             "naive diffusers loop (fp32, 1 prompt per call)",
-            f"{gen['naive_images_per_s']:.1f}",
+            f"{gen['naive_images_per_s']:.3g}",
             "1.00",
         ],
-        [
-            "fia_bench engine (batched CFG)",
-            f"{gen['engine_images_per_s']:.1f}",
-            f"{gen['speedup']:.2f}",
-        ],
+        [engine, f"{gen['engine_images_per_s']:.3g}", f"{gen['speedup']:.2f}"],
     ]
+    return markdown_table(["generation", "images/s", "× naive"], rows)
+
+
+# ---- tiny ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def private_cache() -> Iterator[Path]:
+    before = os.environ.get("FIA_BENCH_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FIA_BENCH_CACHE"] = str(Path(tmp) / "cache")
+        try:
+            yield Path(tmp)
+        finally:
+            if before is None:
+                del os.environ["FIA_BENCH_CACHE"]
+            else:
+                os.environ["FIA_BENCH_CACHE"] = before
+
+
+def harness(overrides: list[str]) -> dict[str, Any]:
+    """The same job on a cold cache, then again on the warm one (which generates nothing)."""
+    with private_cache() as tmp:
+        start = time.perf_counter()
+        fia_bench.run(overrides, out_dir=str(tmp / "cold"))
+        cold = time.perf_counter() - start
+        fia_bench.run(overrides, out_dir=str(tmp / "warm"))
+        warm = time.perf_counter() - start - cold
+    return {"overrides": overrides, "cold_s": cold, "warm_s": warm, "speedup": cold / warm}
+
+
+def tiny(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    pipe = random_pipeline("tiny", world_vocabulary("tiny"), resolution=16, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    batch = batch_option(args.batch_size, "16")
+    images = args.images or 32
+    gen, _ = generation.compare(
+        pipe,
+        "tiny",
+        naive_images=images,
+        images=images,
+        steps=args.steps,
+        resolution=16,
+        precision="fp32",
+        dtype=torch.float32,
+        options=EngineOptions(batch_size=batch),
+        sampler_batch=batch or 16,
+    )
+    job = harness([*HARNESS_JOB, f"device={args.device}", *args.job])
+    m = machine(args.device, args.command)
     text = "\n".join(
         [
-            f"# fia_bench benchmark ({args.device}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__})",
+            *header(m, f"fia_bench benchmark, tiny world ({args.device})"),
+            f"Tiny world, {images} images, {gen['steps']} DDIM steps, CFG 7.5.",
             "",
-            f"Tiny world, {gen['images']} images, {gen['steps']} DDIM steps, CFG 7.5, "
-            f"batch {gen['batch_size']}.",
+            generation_table(gen),
             "",
-            markdown_table(["generation", "images/s", "× naive"], rows),
-            "",
-            f"Harness job `{' '.join(job)}`: cold cache {run['cold_s']:.1f} s, warm cache "
-            f"{run['warm_s']:.1f} s ({run['speedup']:.1f}× faster; the warm run generates "
-            "nothing).",
+            f"Harness job `{' '.join(job['overrides'])}`: cold cache {job['cold_s']:.1f} s, "
+            f"warm cache {job['warm_s']:.1f} s ({job['speedup']:.1f}× faster; the warm run "
+            "generates nothing).",
             "",
         ]
     )
+    return {"scale": "tiny", "machine": m, "generation": gen, "harness": job}, text
+
+
+# ---- sd ------------------------------------------------------------------------------------------
+def targets(
+    protocol: dict[str, Any], gen: dict[str, Any], timing: dict[str, Any], comparable: bool
+) -> list[dict[str, Any]]:
+    ours = {
+        "engine_images_per_s": gen["engine_images_per_s"],
+        "engine_speedup": gen["speedup"],
+        "fia_s_per_concept": timing["fia_s_per_concept"],
+        "uce_s_50_concepts": timing["uce_s"].get("50"),
+        "scapre_s_50_concepts": timing["scapre_s"].get("50"),
+        "esd_s_1000_steps": timing["esd_s_per_step"] * 1000,
+    }
+    rows = []
+    for name, target in protocol["targets"].items():
+        value = ours[name]
+        bound = target.get("at_least", target.get("at_most"))
+        if value is None:
+            status = "not measured"
+        elif not comparable:
+            status = "n/a: not the protocol settings on CUDA"
+        else:
+            met = value >= bound if "at_least" in target else value <= bound
+            status = "met" if met else "missed"
+        sign = "≥" if "at_least" in target else "≤"
+        rows.append(
+            {
+                "measure": name,
+                "ours": value,
+                "target": f"{sign} {bound:g}",
+                "status": status,
+                "reference": target["reference"],
+            }
+        )
+    return rows
+
+
+def sd(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    on_cuda = torch.device(args.device).type == "cuda"
+    precision = args.precision or ("bf16" if on_cuda else "fp32")
+    counts = concept_counts(args.concepts)
+    overrides = method_overrides(args.set)
+    protocol = projection.load_protocol()
+    m = machine(args.device, args.command)
+    log(f"building the SD v1 architecture at {args.sd_resolution}px on {args.device}")
+    pipe = random_pipeline("sd_v1", world_vocabulary("sd"), resolution=args.sd_resolution, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        component.requires_grad_(False).eval()
+    batch = batch_option(args.batch_size, AUTO)
+    gen, engine = generation.compare(
+        pipe,
+        "sd",
+        naive_images=args.naive_images,
+        images=args.images or 64,
+        steps=args.sd_steps,
+        resolution=args.sd_resolution,
+        precision=precision,
+        dtype=torch_dtype(precision),
+        options=EngineOptions(batch_size=batch, channels_last=on_cuda, compile=args.compile),
+        sampler_batch=batch or 32,
+    )
+    log(f"naive {gen['naive_images_per_s']:.3g} img/s, engine {gen['engine_images_per_s']:.3g}")
+    timing = erasure.time_methods(engine, args.train_steps, counts, overrides, log)
+    lengths = projection.training_lengths()
+    rates = {"naive": gen["naive_images_per_s"], "engine": gen["engine_images_per_s"]}
+    rows = projection.project(protocol, rates, timing, lengths)
+    comparable = (
+        on_cuda
+        and not overrides
+        and (args.sd_resolution, args.sd_steps) == (PROTOCOL["resolution"], PROTOCOL["steps"])
+    )
+    checks = targets(protocol, gen, timing, comparable)
+    result = {
+        "scale": "sd",
+        "machine": m,
+        "protocol_settings": comparable,
+        "generation": gen,
+        "methods": timing,
+        "targets": checks,
+        "projection": {"lengths": lengths, "rows": rows},
+    }
+    return result, sd_markdown(result, protocol)
+
+
+def sd_markdown(result: dict[str, Any], protocol: dict[str, Any]) -> str:
+    gen, timing, m = result["generation"], result["methods"], result["machine"]
+    steps = timing["train_steps"]
+    settings = (
+        f"SD v1.4 architecture, random weights, {gen['resolution']}×{gen['resolution']}, "
+        f"{gen['steps']} DDIM steps, CFG {gen['guidance_scale']:g}; images timed: naive loop "
+        f"{gen['naive_images']}, engine {gen['images']}."
+    )
+    caveat = (
+        []
+        if result["protocol_settings"]
+        else [
+            "**Not the paper protocol** (CPU, or resolution / steps / method settings "
+            "shrunk): these figures check that the benchmark runs; they say nothing about GPU "
+            "speed, and the targets are not judged. The projection below applies them to "
+            "the protocol's image counts as they are.",
+            "",
+        ]
+    )
+    method_rows = [
+        ["FIA, one concept", f"{num(timing['fia_s_per_concept'])} s"],
+        *[
+            [f"{name}, {n} concepts", f"{num(seconds)} s"]
+            for key, name in (("uce_s", "UCE"), ("scapre_s", "ScaPre"))
+            for n, seconds in timing[key].items()
+        ],
+        [
+            f"ESD ({timing['esd_train_set']}), per 100 steps",
+            f"{num(timing['esd_s_per_step'] * 100)} s",
+        ],
+        ["ESD, 1000 steps (projected)", f"{num(timing['esd_s_per_step'] * 1000)} s"],
+        ["Dynamic Mask, per 100 steps", f"{num(timing['dynamic_mask_s_per_step'] * 100)} s"],
+    ]
+    target_rows = [
+        [
+            t["measure"],
+            num(t["ours"]) if t["ours"] is not None else "–",
+            t["target"],
+            t["status"],
+            t["reference"],
+        ]
+        for t in result["targets"]
+    ]
+    lengths = result["projection"]["lengths"]
+    proj_rows = [
+        [
+            r["table"],
+            r["regime"],
+            f"{r['images']:,}",
+            num(r["generate_h"]),
+            num(r["erase_h"]),
+            num(r["total_h"]),
+        ]
+        for r in result["projection"]["rows"]
+    ]
+    overrides = timing["overrides"]
+    return "\n".join(
+        [
+            *header(m, f"fia_bench benchmark, SD v1 scale ({m['device']})"),
+            settings,
+            "",
+            *caveat,
+            generation_table(gen),
+            "",
+            f"Warm-up (not timed): naive {gen['naive_warmup_s']:.1f} s, engine "
+            f"{gen['engine_warmup_s']:.1f} s"
+            + (" (includes compilation)." if gen["compile"] else "."),
+            "",
+            "## Method edit times",
+            "",
+            "Through the plugins' API with their shipped settings"
+            + (f", overridden: `{overrides}`" if overrides else "")
+            + f"; ESD and Dynamic Mask timed over {steps} steps, Dynamic Mask's training images "
+            f"({timing['dynamic_mask_training_images_s']:.1f} s) excluded.",
+            "",
+            markdown_table(["edit", "seconds"], method_rows),
+            "",
+            markdown_table(
+                ["measure", "ours", "target (H100)", "status", "published"], target_rows
+            ),
+            "",
+            "## Projected GPU-hours, FIA Tables 1 and 3",
+            "",
+            f"{len(protocol['methods'])} methods ({', '.join(protocol['methods'])}) × "
+            f"{protocol['seeds']} seeds, from the rates and edit times above "
+            "(benchmarks/protocol.yaml, benchmarks/projection.py). Images per model: "
+            + "; ".join(
+                f"{t['title']}: {projection.images_per_model(t['images']):,}"
+                for t in protocol["tables"].values()
+            )
+            + f". Paper-scale training: ESD {lengths['esd_iterations']} iterations, Dynamic Mask "
+            f"{lengths['dynamic_mask_steps_per_concept']} steps and "
+            f"{lengths['dynamic_mask_images_per_concept']} training images per concept. "
+            "Without the cache every job also regenerates the reference's images; with it a "
+            "re-run of the same command costs nothing.",
+            "",
+            markdown_table(
+                ["table", "regime", "images", "generate h", "erase h", "total h"], proj_rows
+            ),
+            "",
+        ]
+    )
+
+
+def log(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.command = " ".join(["python -m benchmarks", *argv])
+    try:
+        result, text = tiny(args) if args.scale == "tiny" else sd(args)
+    except FiaBenchError as err:
+        raise SystemExit(f"error: {err}") from None
+    kind = torch.device(args.device).type
+    stem = args.out / (f"bench_{kind}" if args.scale == "tiny" else f"bench_sd_{kind}")
+    write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".md"), text)
     print(text)
 

@@ -20,6 +20,24 @@ __all__ = ["compose", "run"]
 __version__ = "0.1.0"
 
 
+def package_path(relative: str) -> str:
+    """Absolute path of a file shipped inside the package (the mini world's weights), so configs
+    can name them as ``${fia_bench_path:miniworld/weights/pipeline}`` wherever it is installed."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / relative)
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("fia_bench_path"):
+        OmegaConf.register_new_resolver("fia_bench_path", package_path)
+
+
+_register_resolvers()
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The config the command line would build from the same overrides."""
     from hydra import compose as hydra_compose

@@ -2,16 +2,21 @@
 
 A key is the sha256 of everything that determines an artifact, so an identical request always
 finds its earlier result and a changed input can never be served a stale one. Writes go to a
-temporary file renamed into place: a killed run leaves either a whole file or none, and two
-processes writing the same key write the same bytes."""
+temporary file renamed into place: a killed run leaves either a whole file or none, and
+concurrent writers of one key (ranks of a sharded run, jobs of a parallel sweep) each rename a
+whole file of their own. A stage whose output is several files, or too costly to compute twice,
+computes it under the key's lock (``Cache.lock``), so the files of one key always come from one
+writer and a second process waits for the first instead of repeating its work."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +44,13 @@ def hash_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place. The
+    temporary name is unique per call (pid + random) and renames within one directory are atomic,
+    so concurrent writers never see or clobber each other's partial files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     os.close(fd)
     try:
         write(Path(tmp))
@@ -71,3 +80,27 @@ class Cache:
 
     def path(self, stage: str, key: str, suffix: str) -> Path:
         return self.root / stage / key[:2] / f"{key}{suffix}"
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the key's exclusive lock (``flock`` on ``<key>.lock``) across processes; on a
+        shared file system every machine must mount it with flock support (NFSv4 does, Lustre
+        needs ``-o flock``). Locks are leaves or nest erase/attack → score → images, never the
+        other way, so processes cannot deadlock. The lock file is removed on release; a waiter
+        that wakes on a removed file takes the lock again on the current one."""
+        path = self.path(stage, key, ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink()
+            os.close(fd)

@@ -14,10 +14,10 @@ import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from fia_bench import report
+from fia_bench import distributed, report
 from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, PromptDataset, Task
 from fia_bench.cache import Cache, stable_hash
-from fia_bench.engine import Engine, Sampler
+from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, torch_dtype
 from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS
@@ -119,6 +119,13 @@ def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluat
 
 
 def run(cfg: DictConfig) -> RunResult:
+    """One job; under ``torchrun``/``accelerate launch`` each process runs it as one rank of a
+    sharded run (``distributed.py``)."""
+    with distributed.session(str(cfg.device)):
+        return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> RunResult:
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     check_writable(out_dir)
@@ -141,7 +148,8 @@ def run(cfg: DictConfig) -> RunResult:
         METHODS.get(name, "method=")
 
     model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
-    engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype)
+    options = EngineOptions.from_config(cfg.engine)
+    engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype, options)
     stages = Stages(model, engine, cache, task, str(cfg.precision))
     context = EvalContext(task, model.judges, str(cfg.device), stages.base_images, stages.cache)
     evaluators = build_evaluators(cfg, context)
@@ -221,7 +229,13 @@ def run(cfg: DictConfig) -> RunResult:
         "task_sha256": file_sha256(task.source),
         "prompt_rows": prompt_hashes,
     }
-    summary, tests = report.write_run(out_dir, cfg, records, runs, counts, inputs, out.details)
+    # rank 0 writes the run directory; every rank returns its tables and location
+    out_dir, summary, tests = distributed.current().leader(
+        lambda: (
+            out_dir,
+            *report.write_run(out_dir, cfg, records, runs, counts, inputs, out.details),
+        )
+    )
     return RunResult(out_dir, records, runs, summary, tests, counts)
 
 

@@ -271,7 +271,11 @@ class FIA(Method):
         return {key(c): check_fraction(f"{name}[{c}]", v, where) for c, v in (values or {}).items()}
 
     # ---- settings per task and concept ---------------------------------------------------------
-    def task_prompts(self, task_name: str) -> TaskPrompts:
+    def task_prompts(self, task_name: str, world: str | None = None) -> TaskPrompts:
+        """A world may replace a task's prompt set (``tasks.<world>/<task>``): the mini world's
+        placeholders are its own places, which its text encoder was trained on."""
+        if f"{world}/{task_name}" in self.tasks:
+            task_name = f"{world}/{task_name}"
         if task_name not in self.tasks:
             raise unknown_choice(
                 "FIA prompt set for task", task_name, self.tasks, "method.settings.tasks"
@@ -465,7 +469,7 @@ class FIA(Method):
     def select_concepts(self, request: EraseRequest) -> Selection:
         """Q^(c) of every target, summed into s_ℓ = Σ_c Mask_ℓ^(c) (Eq. 8's counts)."""
         engine = request.engine
-        spec = self.task_prompts(request.task.name)
+        spec = self.task_prompts(request.task.name, request.task.world)
         seed = request.seed if self.noise_seed is None else int(self.noise_seed)
         layers = self.layers(engine.pipe.unet)
         targets = list(dict.fromkeys(request.targets))

@@ -1,4 +1,5 @@
-"""Shared fixtures: every test runs offline against the tiny random world with a private cache."""
+"""Shared fixtures: every test runs offline with a private cache, and on the tiny random world
+unless it names a model (the shipped default, the mini world, runs where a test asks for it)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,22 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampler.steps=2", "task.prompts.settings.per_concept=2", "sampler.batch_size=4"]
 
 
+def on_test_model(overrides: list[str]) -> list[str]:
+    named = any(o.split("=")[0].lstrip("+~") == "model" for o in overrides)
+    # appended: Hydra's command line takes flags such as -m before the overrides
+    return list(overrides) if named else [*overrides, "model=tiny_random"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_model_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fia_bench
+
+    compose = fia_bench.compose
+    monkeypatch.setattr(
+        fia_bench, "compose", lambda overrides=None: compose(on_test_model(overrides or []))
+    )
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cache"
@@ -25,12 +42,22 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+# CPU convolutions round differently with the thread count, so runs whose outputs are compared
+# byte for byte use one thread per process (what torchrun and joblib's workers get by default)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def cli(
-    args: list[str], cache: Path, cwd: Path, check: bool = True, module: str = "fia_bench"
+    args: list[str],
+    cache: Path,
+    cwd: Path,
+    check: bool = True,
+    module: str = "fia_bench",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FIA_BENCH_CACHE=str(cache))
+    env = dict(os.environ, FIA_BENCH_CACHE=str(cache), **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-m", module, *(on_test_model(args) if module == "fia_bench" else args)],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -226,8 +226,10 @@ def direct_u(x: torch.Tensor, w: torch.Tensor, variant: str) -> torch.Tensor:
 def test_running_sums_equal_saliency_from_stored_activations(variant: str, rows: str) -> None:
     engine = tiny_engine()
     steps, t_steps = 4, 2
+    # one prompt per pass, as the activations below are stored: CPU convolutions round
+    # differently at other batch sizes, and the std's cancellation would magnify that
     method = fia(
-        variant=variant, inference_steps=steps, saliency_steps=t_steps, batch_size=2, cfg_rows=rows
+        variant=variant, inference_steps=steps, saliency_steps=t_steps, batch_size=1, cfg_rows=rows
     )
     concept_prompts = ["a tench in a road", "a tench near the lake", "a tench in a park"]
     base_prompts = ["a road", "a lake", "a park"]
@@ -323,6 +325,13 @@ def test_prompts_come_from_the_settings() -> None:
     assert code.rates(styles, "Van Gogh")[1] == 0.03 and styles.alpha == 0.8
     with pytest.raises(FiaBenchError, match="unknown FIA prompt set for task 'object'"):
         code.task_prompts("object")
+
+    mini = code.task_prompts("objects", world="mini")  # a world's own prompt set wins
+    assert code.prompts(engine, mini, "star")[0][:2] == [
+        "a star in the desert",
+        "a star in the ocean",
+    ]
+    assert code.task_prompts("objects", world="sd") == spec
 
 
 def test_bad_settings_are_clear_errors() -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import cli
+from conftest import cli, on_test_model
 
 ARGS = [
     "sampler.steps=4",
@@ -29,7 +29,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     killed_dir = tmp_path / "killed"
     env = dict(os.environ, FIA_BENCH_CACHE=str(cache))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fia_bench", *ARGS, f"hydra.run.dir={killed_dir}"],
+        [sys.executable, "-m", "fia_bench", *on_test_model([*ARGS, f"hydra.run.dir={killed_dir}"])],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
