@@ -1,10 +1,15 @@
 """``python -m fia_bench`` / ``fia-bench``: Hydra composes the config, the runner does the work.
 
+``--dry-run`` (anywhere on the line, with or without ``-m``) is taken off before Hydra sees the
+arguments: it prints what the job or the recipe's sweep would erase, generate and score, the
+cache hits and the projected GPU-hours (``fia_bench/plan.py``), and does nothing else.
+
 Bad input ends with one line on stderr and exit code 2; everything computed before the error
 stays in the cache."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,17 +39,38 @@ def hydra_entry(cfg: DictConfig) -> None:
     )
 
 
+def default_slots(config: Path) -> set[str]:
+    """Config groups the primary config's defaults list names (``experiment: null`` included)."""
+    import yaml
+
+    defaults = yaml.safe_load(config.read_text(encoding="utf-8")).get("defaults") or []
+    return {
+        str(k).removeprefix("optional ")
+        for entry in defaults
+        if isinstance(entry, dict)
+        for k in entry
+    }
+
+
 def check_overrides(argv: list[str]) -> None:
     """Hydra reports an unknown config option or key as a multi-line trace; catch both first and
     name the valid choices and the nearest one, as for every other bad input."""
     conf = Path(CONFIG_DIR)
+    slots = default_slots(conf / "config.yaml")
     selections, settings = [], []
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if sep and key.startswith("+") and key[1:] in slots:
+            raise FiaBenchError(
+                f"'{arg}': {key[1:]} has a slot in the defaults already; write {arg[1:]}"
+            )
         if not sep or key.startswith(("+", "~", "hydra.", "-")):
             continue
         if (conf / key).is_dir():
-            options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            group = conf / key  # nested options are named by their path: experiment=fia/table1
+            options = sorted(
+                p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml")
+            )
             for option in value.strip("[]").split(","):
                 option = option.strip()
                 if option and option != "null" and option not in options:
@@ -74,9 +100,30 @@ def check_overrides(argv: list[str]) -> None:
             )
 
 
+DRY_RUN = "--dry-run"
+MULTIRUN = ("-m", "--multirun")
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    if DRY_RUN in argv:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: a plan never downloads
     try:
-        check_overrides(sys.argv[1:])
+        check_overrides(argv)
+        if DRY_RUN in argv:
+            flags = [a for a in argv if a.startswith("-") and a not in (DRY_RUN, *MULTIRUN)]
+            if flags:
+                raise FiaBenchError(f"{DRY_RUN} takes overrides and -m only, not {flags[0]}")
+            from hydra.errors import HydraException
+
+            from fia_bench.plan import dry_run
+
+            overrides = [a for a in argv if not a.startswith("-")]
+            try:
+                print(dry_run(overrides, multirun=any(a in MULTIRUN for a in argv)), end="")
+            except HydraException as err:  # composition errors, in one line as elsewhere
+                raise FiaBenchError(str(err).splitlines()[0]) from err
+            return
     except FiaBenchError as err:
         print(f"fia_bench: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,257 @@
+"""Paper-table recipes: every experiment composes with its pins, each SD recipe has a mini-world
+analogue of the same structure, and every mini analogue runs end to end at smoke size (on the
+tiny world until the mini world's weights ship) and yields its comparison report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+import fia_bench
+from fia_bench.compare import PAPER_TABLES, SD_VERSIONS, check_recipe, compare
+from fia_bench.plan import compose_with_hydra, sweep_jobs
+from fia_bench.registry import METHODS
+from fia_bench.tasks import load_task
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "experiment"
+EXPERIMENTS = sorted(p.relative_to(CONF).with_suffix("").as_posix() for p in CONF.rglob("*.yaml"))
+BUILDING_BLOCKS = [e for e in EXPERIMENTS if e.startswith(("arm/", "parts/"))]
+RECIPES = [e for e in EXPERIMENTS if e not in BUILDING_BLOCKS and e != "tiny_sweep"]
+SD_RECIPES = [r for r in RECIPES if not r.startswith("mini/")]
+MINI_RECIPES = [r for r in RECIPES if r.startswith("mini/")]
+
+
+def composed(name: str, *extra: str):
+    """The recipe as Hydra composes it (not through the tests' tiny-model default)."""
+    return compose_with_hydra([f"experiment={name}", *extra])
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def arms(cfg) -> list[str]:
+    params = cfg.hydra.sweeper.get("params") or {}
+    return sorted(str(v) for k, v in params.items())
+
+
+def erased_count(cfg) -> int:
+    if cfg.get("concepts"):
+        return len(cfg.concepts)
+    counts = cfg.n_concepts
+    return max(counts) if not isinstance(counts, int) else counts
+
+
+def test_the_recipe_set_is_the_issue_list() -> None:
+    assert set(SD_RECIPES) == {
+        "fia/table1",
+        "fia/table2",
+        "fia/table3",
+        "fia/table4",
+        "fia/table15",
+        "fia/fig6",
+        "fia/ablation_layer",
+        "fia/ablation_granularity",
+        "fia/ablation_alpha",
+        "scapre/imagenette",
+        "sp/imagenette",
+        "sp/i2p",
+    }
+    assert {r.removeprefix("mini/") for r in MINI_RECIPES} == set(SD_RECIPES)
+
+
+@pytest.mark.parametrize("name", BUILDING_BLOCKS)
+def test_building_blocks_compose(name: str) -> None:
+    cfg = composed(name)
+    if name.startswith("arm/"):
+        METHODS.get(str(cfg.method.name), "method=")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_pins_and_paper_rows(name: str) -> None:
+    cfg = composed(name)
+    recipe = plain(cfg.recipe)
+    check_recipe(recipe)
+    assert recipe["name"] == name
+    assert cfg.seed_policy == "erase"  # paper protocols: seeds vary the edit only
+    assert isinstance(cfg.seeds, int) and cfg.seeds >= 1
+    assert cfg.get("concepts") or cfg.get("n_concepts")
+    paper = pd.concat(
+        [pd.read_csv(PAPER_TABLES / t, keep_default_na=False) for t in recipe["paper"]]
+    )
+    for row in recipe["rows"]:
+        METHODS.get(row["method"], "method=")
+        if row["paper"] is not None:
+            assert row["paper"] in set(paper["method"]), (name, row)
+        if row.get("row") is not None:
+            assert row["row"] in set(paper["concept_or_row"]), (name, row)
+    paper_metrics = set(paper["metric"])
+    assert any(m.get("paper_metric", m["name"]) in paper_metrics for m in recipe["metrics"])
+    evaluators = dict(cfg.get("evaluator") or {}) | dict(cfg.get("attack") or {})
+    for spec in recipe["metrics"]:
+        if "source" not in spec:
+            continue
+        evaluator = spec["source"].split("/")[0]
+        assert evaluator in evaluators, (name, spec["name"])
+        roles = list(evaluators[evaluator].get("roles") or [])
+        assert not roles or spec["role"] in roles or spec["role"] == "all", (name, spec["name"])
+    # an evaluator that scores COCO-style quality prompts is meant to, and only the quality ones
+    if cfg.task.get("quality"):
+        for evaluator, node in (cfg.get("evaluator") or {}).items():
+            assert node.get("roles"), f"{name}: {evaluator} must name its prompt roles"
+
+
+@pytest.mark.parametrize("name", SD_RECIPES)
+def test_sd_recipes_pin_the_paper_protocol(name: str) -> None:
+    cfg = composed(name)
+    assert cfg.model.name in SD_VERSIONS and cfg.device == "cuda"
+    assert cfg.precision in ("fp16", "fp32")
+    assert (cfg.sampler.scheduler, cfg.sampler.steps, cfg.sampler.guidance_scale) == (
+        "pndm",
+        50,
+        7.5,
+    )
+    # a prompt file fetched on first use pins its row count, so a dry run can count it offline
+    for key in ("prompts", "quality"):
+        node = cfg.task.get(key)
+        if node is not None and node.dataset in ("i2p", "coco_captions"):
+            assert node.settings.limit, (name, key)
+    paper_models = {
+        m
+        for t in cfg.recipe.paper
+        for m in pd.read_csv(PAPER_TABLES / t, keep_default_na=False)["model"]
+    }
+    stated = {m for m in paper_models if m.startswith("SD v1.")}
+    assert all(m.startswith(SD_VERSIONS[cfg.model.name]) for m in stated), (name, stated)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_sweep_job_composes_and_fills_a_row(name: str) -> None:
+    cfg = composed(name)
+    rows = plain(cfg.recipe)["rows"]
+    filled = set()
+    for overrides in sweep_jobs([f"experiment={name}"]):
+        job = compose_with_hydra(overrides)
+        method, settings = str(job.method.name), plain(job.method.get("settings")) or {}
+        hits = [
+            i
+            for i, r in enumerate(rows)
+            if r["method"] == method
+            and all(settings.get(k) == v for k, v in (r.get("settings") or {}).items())
+        ]
+        assert hits, f"{name}: job {overrides} gives no row of the report"
+        filled.update(hits)
+        filled.update(i for i, r in enumerate(rows) if r["method"] == str(job.reference))
+    for i, row in enumerate(rows):
+        if i in filled:
+            continue
+        # only a row naming a switch the method does not have yet may stay empty (ablation_layer)
+        method = compose_with_hydra([f"method={row['method']}"]).method
+        missing = set(row.get("settings") or {}) - set(method.get("settings") or {})
+        assert missing, f"{name}: no job of the sweep fills row {row}"
+
+
+@pytest.mark.parametrize("name", SD_RECIPES)
+def test_mini_analogue_has_the_same_structure(name: str) -> None:
+    sd, mini = composed(name), composed(f"mini/{name}")
+    assert mini.model.name == "mini" and mini.device == "cpu"
+    assert arms(sd) == arms(mini)
+    assert [m["name"] for m in mini.recipe.metrics] == [m["name"] for m in sd.recipe.metrics]
+
+    def paper_rows(cfg) -> list[tuple]:
+        return [(r.paper, r.get("row")) for r in cfg.recipe.rows if r.paper is not None]
+
+    assert paper_rows(mini) == paper_rows(sd)
+    assert list(mini.recipe.paper) == list(sd.recipe.paper)
+    assert str(mini.task.name).removesuffix("50") == str(sd.task.name).removesuffix("50")
+    mini_task = load_task(str(mini.task.name), "mini")
+    # Fig. 6 sweeps to 50 classes; the mini world has ten objects, so its curve ends there
+    expected = len(mini_task.concepts) if name == "fia/fig6" else erased_count(sd)
+    assert erased_count(mini) == expected
+    mapped = dict(mini.recipe.get("concepts") or {})
+    assert set(mapped.values()) <= set(mini_task.concepts)
+
+
+# ---- smoke runs of the mini analogues ------------------------------------------------------------
+SMOKE = ["model=tiny_random", "seeds=2", "sampler.steps=2", "sampler.batch_size=8"]
+SHRINK_METHOD = {
+    "fia": [
+        "method.settings.placeholders_per_concept=1",
+        "method.settings.saliency_steps=1",
+        "method.settings.inference_steps=2",
+    ],
+    "dynamic_mask": [
+        "method.settings.images_per_class=2",
+        "method.settings.batch_size=1",
+        "method.settings.epochs=1",
+        "method.settings.warmup_steps=1",
+        "method.settings.mask_update_interval=0",
+        "method.settings.progress=false",
+    ],
+    "scapre": [],
+}
+SHRINK_ATTACKS = [
+    "attack.ring_a_bell.settings.population=4",
+    "attack.ring_a_bell.settings.generations=1",
+    "attack.ring_a_bell.settings.length=2",
+    "attack.mma_diffusion.settings.iterations=1",
+    "attack.mma_diffusion.settings.n_tokens=2",
+    "attack.mma_diffusion.settings.topk=2",
+    "attack.mma_diffusion.settings.batch_size=2",
+    "attack.mma_diffusion.settings.eval_batch_size=2",
+    "attack.mma_diffusion.settings.progress=false",
+    "attack.unlearndiffatk.settings.k=1",
+    "attack.unlearndiffatk.settings.n_timesteps=1",
+    "attack.unlearndiffatk.settings.steps_per_t=1",
+]
+
+
+def smoke_overrides(name: str) -> list[str]:
+    """Smallest run of a mini recipe on the tiny world: its concept counts, evaluators and
+    metrics stay; the tiny world's stand-ins replace what only the mini world has (its hazard
+    detector and judge features) and mini concept names."""
+    cfg = composed(name)
+    out = [f"experiment={name}", *SMOKE, "task.prompts.settings.per_concept=1"]
+    out += SHRINK_METHOD[str(cfg.method.name)]
+    if cfg.task.get("quality"):
+        out.append("task.quality.settings.limit=4")
+    if "fid" in (cfg.get("evaluator") or {}):
+        out.append("evaluator.fid.settings.features=clip")
+    if cfg.get("concepts"):
+        out += ["concepts=null", f"n_concepts={len(cfg.concepts)}"]
+    if "hazard_detector" in (cfg.get("evaluator") or {}):
+        selected = [e if e != "hazard_detector" else "nudenet" for e in cfg.evaluator]
+        out += [
+            f"evaluator=[{','.join(selected)}]",
+            "~evaluator.hazard_detector",
+            "+evaluator.nudenet.roles=[target]",
+        ]
+    if cfg.get("attack"):
+        out += SHRINK_ATTACKS
+    return out
+
+
+@pytest.mark.parametrize("name", MINI_RECIPES)
+def test_mini_recipe_runs_at_smoke_size_and_compares(
+    name: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    result = fia_bench.run(smoke_overrides(name), out_dir=str(tmp_path / "run"))
+    cfg = composed(name)
+    assert set(result.runs["status"]) == {"ok"}
+    assert set(result.runs["method"]) == {"none", str(cfg.method.name)}
+    assert result.counts["images_generated"] > 0
+    report = compare([tmp_path / "run"])
+    recipe = plain(cfg.recipe)
+    for spec in recipe["metrics"]:
+        assert f"## {spec['name']}" in report
+    ran = [
+        r
+        for r in recipe["rows"]
+        if r["method"] in ("none", str(cfg.method.name)) and not r.get("settings")
+    ]
+    for row in ran:
+        label = row.get("label") or row.get("row") or row["paper"]
+        assert f"| {label} |" in report, (name, label)
