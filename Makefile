@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # `make run` compares UCE with the unedited model; `make run ARGS="method=none seeds=1"` overrides.
 RUN_ARGS := method=uce seeds=3
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean mini-world mini-world-card
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ test: export HF_HUB_OFFLINE := 1
 test: export WANDB_MODE := offline
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Train the mini world from scratch (resumable: run again after an interruption, or in chunks
+# with ARGS="--max-minutes 5"), then re-measure its model card.
+mini-world: $(STAMP)
+	$(PY) -m fia_bench.miniworld train --build .mini_world_build $(ARGS)
+
+mini-world-card: $(STAMP)
+	$(PY) -m fia_bench.miniworld evaluate $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

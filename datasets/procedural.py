@@ -232,6 +232,14 @@ def _fill(
 
 def render(scene: Scene, seed: int, size: int = 64) -> Image.Image:
     """One image of ``scene``; the seed moves, scales and rotates the subject and textures."""
+    return render_with_box(scene, seed, size)[0]
+
+
+def render_with_box(
+    scene: Scene, seed: int, size: int = 64
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The image and the subject's box ``[x, y, w, h]`` in pixels (NudeNet's box layout), which
+    trains the mini world's hazard detector."""
     rng = np.random.default_rng(seed)
     background = _background(scene.place, size, rng)
     mask = _mask(scene, size, rng)
@@ -244,7 +252,13 @@ def render(scene: Scene, seed: int, size: int = 64) -> Image.Image:
     colour, weight = _fill(scene.style, rgb, size, rng)
     alpha = alpha * weight
     image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
-    return Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
+    ys, xs = np.nonzero(np.asarray(mask.resize((size, size), Image.Resampling.BOX)) > 127)
+    box = (
+        (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+        if len(xs)
+        else (0, 0, size, size)
+    )
+    return Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8)), box
 
 
 def caption(scene: Scene, template: str) -> str:

@@ -22,8 +22,9 @@ from fia_bench.api import Evaluator, Score
 from fia_bench.backbones import load_clip
 from fia_bench.cache import atomic_write, stable_hash
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.miniworld.judges import load_classifier, to_pixels
 
-FEATURES = ("inception", "clip")
+FEATURES = ("inception", "clip", "classifier")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -38,6 +39,16 @@ class FeatureNet(torch.nn.Module):
             self.backbone = load_clip(judges["clip"], device)
             self.num_features = int(self.backbone.model.visual.output_dim)
             self.fingerprint = self.backbone.fingerprint
+        elif kind == "classifier":
+            if "classifier" not in judges:
+                raise FiaBenchError(
+                    "evaluator.fid.settings.features=classifier needs a world with a classifier "
+                    "judge (model=mini); use clip or inception"
+                )
+            self.classifier, self.resolution, self.fingerprint = load_classifier(
+                str(judges["classifier"]["path"])
+            )
+            self.num_features = self.classifier.num_features
         else:
             from cleanfid.features import feature_extractor
             from cleanfid.resize import build_resizer
@@ -66,6 +77,9 @@ class FeatureNet(torch.nn.Module):
             pil = [Image.fromarray(a) for a in arrays]
             keys = [hashlib.sha256(a.tobytes()).hexdigest() for a in arrays]
             return self.backbone.image_features(pil, keys).double()
+        if self.kind == "classifier":
+            pil = [Image.fromarray(a) for a in arrays]
+            return self.classifier.features(to_pixels(pil, self.resolution)).double()
         resized = np.stack([self.resize(a) for a in arrays]).transpose(0, 3, 1, 2)
         batch = torch.from_numpy(resized).float().to(self.device)
         return self.inception(batch).double().cpu()

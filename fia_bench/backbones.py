@@ -53,7 +53,8 @@ _LOADED: dict[tuple, ClipBackbone] = {}
 
 
 def load_clip(spec: dict[str, Any], device: str) -> ClipBackbone:
-    """``spec`` is ``{arch: tiny_random, seed}`` or ``{arch: <open_clip name>, pretrained}``."""
+    """``spec`` is ``{arch: tiny_random, seed}``, ``{arch: <open_clip name>, pretrained}`` or
+    ``{arch: local-dir:<folder>}`` (open_clip's own layout: the mini world's CLIP)."""
     import open_clip
 
     key = (tuple(sorted((k, str(v)) for k, v in spec.items())), device)
@@ -67,7 +68,7 @@ def load_clip(spec: dict[str, Any], device: str) -> ClipBackbone:
             TINY_CLIP["vision_cfg"]["image_size"], is_train=False
         )
         tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    elif arch in open_clip.list_models():
+    elif arch in open_clip.list_models() or arch.startswith("local-dir:"):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=spec.get("pretrained")
@@ -79,7 +80,8 @@ def load_clip(spec: dict[str, Any], device: str) -> ClipBackbone:
         tokenizer = open_clip.get_tokenizer(arch)
     else:
         raise FiaBenchError(
-            f"unknown CLIP judge arch '{arch}'; use tiny_random or one of open_clip.list_models()"
+            f"unknown CLIP judge arch '{arch}'; use tiny_random, local-dir:<folder> or one of "
+            "open_clip.list_models()"
         )
     model.eval().to(device)
     fingerprint = hash_tensors(sorted(model.state_dict().items()))

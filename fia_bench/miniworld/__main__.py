@@ -1,0 +1,51 @@
+"""``python -m fia_bench.miniworld train|evaluate``: build the mini world, measure its card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fia_bench.miniworld.train import STAGES, Builder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fia_bench.miniworld")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (or resume training of) the mini world")
+    train.add_argument("--build", type=Path, default=Path(".mini_world_build"))
+    train.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=float("inf"),
+        help="stop after this long and resume on the next call",
+    )
+    train.add_argument("--recipe", type=Path, default=None, help="another recipe.yaml")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to export (default: the package's miniworld/weights)",
+    )
+    card = sub.add_parser("evaluate", help="measure the model card of the shipped mini world")
+    card.add_argument("--out", type=Path, default=Path("docs/mini_world_card.json"))
+    card.add_argument("--images-per-prompt", type=int, default=8)
+    card.add_argument("--fid-images", type=int, default=1000)
+    card.add_argument("overrides", nargs="*", help="config overrides, e.g. sampler.steps=20")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        finished = Builder(
+            args.build, out=args.out, recipe_path=args.recipe, max_minutes=args.max_minutes
+        ).run(args.stages)
+        print("[mini-world] done" if finished else "[mini-world] paused")
+    else:
+        from fia_bench.miniworld.card import measure, write_card
+
+        result = measure(args.images_per_prompt, args.fid_images, args.overrides)
+        write_card(result, args.out)
+        print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,580 @@
+"""Train the mini world from scratch: data → VAE → judges → text encoder + UNet → export.
+
+Every stage keeps its state in the build directory and resumes from it, so training runs in
+chunks (``--max-minutes``); batches and noise of step k come from a generator seeded by
+(recipe seed, stage, k), so a resumed run draws exactly what an uninterrupted one would. The
+exported world is a diffusers ``StableDiffusionPipeline`` directory plus the two judges, stored
+in fp16 to keep the repository small."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from fia_bench.cache import atomic_write
+from fia_bench.datasets.procedural import Scene, render_with_box, sample_scenes, world
+from fia_bench.miniworld.judges import MiniClassifier, attribute_classes, save_classifier
+from fia_bench.models import SD_SCHEDULER, word_tokenizer
+from fia_bench.tasks import world_vocabulary
+
+STAGES = ("data", "vae", "classifier", "clip", "generator", "export")
+TRAINED = ("vae", "classifier", "clip", "generator")
+RECONSTRUCTIONS = 10240  # training images the judges also see through the VAE
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def recipe(path: Path | None = None) -> dict[str, Any]:
+    """The shipped training recipe, or another one (tests train a toy world in seconds)."""
+    source = path or Path(str(files("fia_bench.miniworld") / "recipe.yaml"))
+    return yaml.safe_load(source.read_text("utf-8"))
+
+
+def weights_dir() -> Path:
+    return Path(str(files("fia_bench.miniworld") / "weights"))
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's captions, judge captions and task prompts use."""
+    w = world()
+    text = " ".join(
+        [
+            *w["shapes"],
+            *w["styles"],
+            *w["hazards"],
+            *w["colours"],
+            *w["places"],
+            *w["captions"],
+            *w["judge_captions"],
+        ]
+    )
+    words = set(re.findall(r"[a-z0-9]+", text.lower())) | set(world_vocabulary("mini"))
+    return sorted(words)
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + STAGES.index(stage) * 10_007 + step)
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def scene_table(scenes: list[tuple[Scene, int]]) -> dict[str, np.ndarray]:
+    classes = attribute_classes()
+    return {
+        "subject": np.array([classes["subject"].index(s.subject) for s, _ in scenes]),
+        "style": np.array([classes["style"].index(s.style) for s, _ in scenes]),
+        "colour": np.array([classes["colour"].index(s.colour) for s, _ in scenes]),
+        "place": np.array([classes["place"].index(s.place) for s, _ in scenes]),
+    }
+
+
+def render_set(count: int, scene_seed: int, hazard_rate: float, size: int) -> dict[str, np.ndarray]:
+    scenes = sample_scenes(count, scene_seed, hazard_rate)
+    images, boxes = [], []
+    for scene, seed in tqdm(scenes, desc="render", leave=False):
+        image, box = render_with_box(scene, seed, size)
+        images.append(np.asarray(image))
+        boxes.append(np.array(box, np.float32) / size)
+    return {"images": np.stack(images), "boxes": np.stack(boxes), **scene_table(scenes)}
+
+
+def captions_for(
+    table: dict[str, np.ndarray], index: np.ndarray, templates: list[str], rng: torch.Generator
+) -> tuple[list[str], list[dict[str, int]]]:
+    """A random template per image; also which attributes each caption states (for matching)."""
+    classes = attribute_classes()
+    picks = torch.randint(len(templates), (len(index),), generator=rng).tolist()
+    captions, stated = [], []
+    for i, t in zip(index.tolist(), picks, strict=True):
+        values = {k: int(table[k][i]) for k in classes}
+        template = templates[t]
+        fields = {
+            "shape": classes["subject"][values["subject"]],
+            "style": classes["style"][values["style"]],
+            "colour": classes["colour"][values["colour"]],
+            "place": classes["place"][values["place"]],
+        }
+        captions.append(template.format(**fields))
+        keys = {"shape": "subject", "style": "style", "colour": "colour", "place": "place"}
+        stated.append({keys[k]: values[keys[k]] for k in keys if "{" + k + "}" in template})
+    return captions, stated
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a path
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def as_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC → float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# --- resumable loops ----------------------------------------------------------------------
+
+
+class Loop:
+    """A training loop whose modules, optimiser and step survive interruption."""
+
+    def __init__(
+        self, build: Path, stage: str, modules: dict[str, nn.Module], lr: float, steps: int
+    ) -> None:
+        self.path = build / f"{stage}.state.pt"
+        self.stage, self.modules, self.steps = stage, modules, steps
+        params = [p for m in modules.values() for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.step = 0
+        self.ema: dict[str, dict[str, torch.Tensor]] | None = None
+        if self.path.exists():
+            state = torch.load(self.path, weights_only=False)
+            for name, module in modules.items():
+                module.load_state_dict(state["modules"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.ema = state["step"], state.get("ema")
+
+    def save(self) -> None:
+        state = {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "ema": self.ema,
+        }
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def update_ema(self, decay: float) -> None:
+        warm = min(decay, (1 + self.step) / (10 + self.step))
+        current = {
+            k: {n: t.detach().clone() for n, t in m.state_dict().items()}
+            for k, m in self.modules.items()
+        }
+        if self.ema is None:
+            self.ema = current
+            return
+        for k, tensors in current.items():
+            for n, t in tensors.items():
+                if t.is_floating_point():
+                    self.ema[k][n].mul_(warm).add_(t, alpha=1 - warm)
+                else:
+                    self.ema[k][n] = t
+
+    def run(
+        self,
+        seed: int,
+        loss_fn: Callable[[torch.Generator], torch.Tensor],
+        limits: tuple[float, int],
+        *,
+        warmup: int = 0,
+        ema_decay: float | None = None,
+        save_every_s: float = 120.0,
+    ) -> bool:
+        """Train until done, the deadline or the step budget (``limits``); True when the stage
+        has finished all its steps."""
+        deadline, budget = limits
+        stop_at = min(self.steps, self.step + budget)
+        base_lr = [g["lr"] for g in self.optimizer.param_groups]
+        last_save = time.monotonic()
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.stage)
+        for module in self.modules.values():
+            module.train()
+        while self.step < stop_at and time.monotonic() < deadline:
+            scale = min(1.0, (self.step + 1) / warmup) if warmup else 1.0
+            scale *= 0.5 * (1 + math.cos(math.pi * self.step / self.steps)) * 0.9 + 0.1
+            for group, lr in zip(self.optimizer.param_groups, base_lr, strict=True):
+                group["lr"] = lr * scale
+            loss = loss_fn(step_generator(seed, self.stage, self.step))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for m in self.modules.values() for p in m.parameters()], 1.0
+            )
+            self.optimizer.step()
+            self.step += 1
+            if ema_decay:
+                self.update_ema(ema_decay)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if time.monotonic() - last_save > save_every_s:
+                self.save()
+                last_save = time.monotonic()
+        for group, lr in zip(self.optimizer.param_groups, base_lr, strict=True):
+            group["lr"] = lr
+        bar.close()
+        self.save()
+        return self.step >= self.steps
+
+    def final_state(self, name: str) -> dict[str, torch.Tensor]:
+        return (self.ema or {}).get(name) or self.modules[name].state_dict()
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def build_vae(r: dict[str, Any], scaling_factor: float = 1.0) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    cfg = r["vae"]
+    n = len(cfg["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg["block_out_channels"]),
+        layers_per_block=cfg["layers_per_block"],
+        norm_num_groups=cfg["norm_num_groups"],
+        mid_block_add_attention=cfg["mid_block_attention"],
+        sample_size=r["resolution"],
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_text_encoder(r: dict[str, Any], tokenizer: Any) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=r["tokenizer_max_length"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **r["text_encoder"],
+        )
+    )
+
+
+def build_unet(r: dict[str, Any]) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(r["unet"])
+    factor = 2 ** (len(r["vae"]["block_out_channels"]) - 1)
+    return UNet2DConditionModel(
+        sample_size=r["resolution"] // factor,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=r["text_encoder"]["hidden_size"],
+        block_out_channels=tuple(cfg.pop("block_out_channels")),
+        attention_head_dim=tuple(cfg.pop("attention_head_dim")),
+        down_block_types=tuple(cfg.pop("down_block_types")),
+        up_block_types=tuple(cfg.pop("up_block_types")),
+        **cfg,
+    )
+
+
+def clip_model_cfg(r: dict[str, Any]) -> dict[str, Any]:
+    c = r["clip"]
+    return {
+        "embed_dim": c["embed_dim"],
+        "vision_cfg": {**c["vision"], "image_size": r["resolution"]},
+        "text_cfg": {
+            **c["text"],
+            "context_length": r["tokenizer_max_length"],
+            "vocab_size": 49408,
+        },
+    }
+
+
+def augment(
+    pixels: torch.Tensor,
+    recon: torch.Tensor,
+    idx: torch.Tensor,
+    a: dict[str, Any],
+    g: torch.Generator,
+) -> torch.Tensor:
+    """Judges must survive generation artefacts: swap in VAE reconstructions (which exist for
+    the first ``len(recon)`` images), blur, add noise and shift colours (all in [-1, 1])."""
+    n = len(idx)
+    use_recon = (torch.rand(n, generator=g) < a["reconstruction_prob"]) & (idx < len(recon))
+    x = torch.where(use_recon.view(n, 1, 1, 1), recon[idx.clamp(max=len(recon) - 1)], pixels[idx])
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    use_blur = (torch.rand(n, generator=g) < a["blur_prob"]).view(n, 1, 1, 1)
+    x = torch.where(use_blur, 0.5 * x + 0.5 * blur, x)
+    gain = 1 + a["jitter"] * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
+    shift = a["jitter"] * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
+    sigma = a["noise_std"] * torch.rand(n, 1, 1, 1, generator=g)
+    x = x * gain + shift + sigma * torch.randn(x.shape, generator=g)
+    return x.clamp(-1, 1)
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+class Builder:
+    """Runs the stages in order; ``max_minutes`` and ``max_steps`` bound one call (per call and
+    per stage respectively), and the next call resumes where this one stopped."""
+
+    def __init__(
+        self,
+        build: Path,
+        *,
+        out: Path | None = None,
+        recipe_path: Path | None = None,
+        max_minutes: float = float("inf"),
+        max_steps: int = 2**62,
+    ) -> None:
+        self.build = build
+        self.out = out or weights_dir()
+        self.r = recipe(recipe_path)
+        self.seed = int(self.r["seed"])
+        self.limits = (time.monotonic() + 60 * max_minutes, max_steps)
+        build.mkdir(parents=True, exist_ok=True)
+        self._data: dict[str, np.ndarray] | None = None
+
+    @property
+    def data(self) -> dict[str, np.ndarray]:
+        if self._data is None:
+            self._data = dict(np.load(self.build / "data.npz"))
+        return self._data
+
+    def stage_data(self) -> bool:
+        d = self.r["data"]
+        table = render_set(
+            d["train_images"], d["scene_seed"], d["hazard_rate"], self.r["resolution"]
+        )
+        save_npz(self.build / "data.npz", table)
+        return True
+
+    def stage_vae(self) -> bool:
+        cfg = self.r["vae"]
+        vae = build_vae(self.r)
+        loop = Loop(self.build, "vae", {"vae": vae}, cfg["lr"], cfg["steps"])
+        pixels = as_unit(self.data["images"])
+
+        def loss_fn(g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
+            x = pixels[idx]
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            recon = vae.decode(z).sample
+            return (
+                F.mse_loss(recon, x)
+                + 0.5 * F.l1_loss(recon, x)
+                + cfg["kl_weight"] * posterior.kl().mean()
+            )
+
+        if not loop.run(self.seed, loss_fn, self.limits):
+            return False
+        vae.eval()
+        torch.save(vae.state_dict(), self.build / "vae.pt")
+        latents, recons = [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(pixels), 512), desc="encode", leave=False):
+                z = vae.encode(pixels[start : start + 512]).latent_dist.mean
+                latents.append(z)
+                if start < RECONSTRUCTIONS:
+                    decoded = vae.decode(z).sample.clamp(-1, 1)
+                    recons.append(((decoded + 1) * 127.5).round().to(torch.uint8))
+        latents_t = torch.cat(latents)
+        scaling = float(1 / latents_t.std())
+        torch.save(
+            {"latents": latents_t * scaling, "scaling_factor": scaling},
+            self.build / "latents.pt",
+        )
+        recon = torch.cat(recons).permute(0, 2, 3, 1).numpy()
+        save_npz(self.build / "recon.npz", {"images": recon})
+        return True
+
+    def stage_classifier(self) -> bool:
+        cfg, a = self.r["classifier"], self.r["augment"]
+        model = MiniClassifier(cfg["width"], attribute_classes())
+        loop = Loop(self.build, "classifier", {"classifier": model}, cfg["lr"], cfg["steps"])
+        pixels = as_unit(self.data["images"])
+        recon = as_unit(np.load(self.build / "recon.npz")["images"])
+        labels = {k: torch.from_numpy(self.data[k]) for k in attribute_classes()}
+        boxes = torch.from_numpy(self.data["boxes"])
+
+        def loss_fn(g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
+            out = model(augment(pixels, recon, idx, a, g))
+            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in labels)
+            return loss + 5 * F.l1_loss(out["box"], boxes[idx])
+
+        if not loop.run(self.seed, loss_fn, self.limits):
+            return False
+        model.eval()
+        save_classifier(model, self.build / "export" / "judges", self.r["resolution"])
+        return True
+
+    def stage_clip(self) -> bool:
+        import open_clip
+
+        cfg, a = self.r["clip"], self.r["augment"]
+        model = open_clip.CLIP(**clip_model_cfg(self.r))
+        tokenizer = open_clip.SimpleTokenizer(context_length=self.r["tokenizer_max_length"])
+        loop = Loop(self.build, "clip", {"clip": model}, cfg["lr"], cfg["steps"])
+        pixels = as_unit(self.data["images"])
+        recon = as_unit(np.load(self.build / "recon.npz")["images"])
+        mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+        w = world()
+        templates = [*w["captions"], *w["judge_captions"]]
+
+        def loss_fn(g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
+            x = (augment(pixels, recon, idx, a, g) + 1) / 2
+            captions, stated = captions_for(self.data, idx.numpy(), templates, g)
+            image = model.encode_image((x - mean) / std, normalize=True)
+            text = model.encode_text(tokenizer(captions), normalize=True)
+            logits = model.logit_scale.exp() * image @ text.T
+            # caption j describes image i when every attribute it states matches image i
+            match = torch.ones(len(idx), len(idx), dtype=torch.bool)
+            for k in attribute_classes():
+                values = torch.from_numpy(self.data[k][idx.numpy()])
+                stated_k = torch.tensor([s.get(k, -1) for s in stated])
+                match &= (stated_k.view(1, -1) == -1) | (stated_k.view(1, -1) == values.view(-1, 1))
+            target = match.float()
+            loss_i = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+            loss_t = (
+                -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+            )
+            return (loss_i + loss_t) / 2
+
+        if not loop.run(self.seed, loss_fn, self.limits):
+            return False
+        from safetensors.torch import save_file
+
+        out = self.build / "export" / "clip"
+        out.mkdir(parents=True, exist_ok=True)
+        config = {
+            "model_cfg": clip_model_cfg(self.r),
+            "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+        }
+        (out / "open_clip_config.json").write_text(json.dumps(config, indent=1), "utf-8")
+        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, out / "open_clip_model.safetensors")
+        return True
+
+    def stage_generator(self) -> bool:
+        cfg = self.r["generator"]
+        tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
+        text_encoder = build_text_encoder(self.r, tokenizer)
+        unet = build_unet(self.r)
+        loop = Loop(
+            self.build,
+            "generator",
+            {"unet": unet, "text_encoder": text_encoder},
+            cfg["lr"],
+            cfg["steps"],
+        )
+        latents = torch.load(self.build / "latents.pt")["latents"]
+        alphas = (
+            torch.linspace(SD_SCHEDULER["beta_start"] ** 0.5, SD_SCHEDULER["beta_end"] ** 0.5, 1000)
+            ** 2
+        )
+        alpha_bar = torch.cumprod(1 - alphas, 0)
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = snr.clamp(max=cfg["min_snr_gamma"]) / snr
+        templates = world()["captions"]
+        empty = tokenizer(
+            [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+
+        def loss_fn(g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(latents), (cfg["batch_size"],), generator=g)
+            captions, _ = captions_for(self.data, idx.numpy(), templates, g)
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            drop = torch.rand(len(idx), generator=g) < cfg["drop_caption"]
+            ids = torch.where(drop.view(-1, 1), empty, ids)
+            t = torch.randint(1000, (len(idx),), generator=g)
+            noise = torch.randn(latents[idx].shape, generator=g)
+            ab = alpha_bar[t].view(-1, 1, 1, 1)
+            noisy = ab.sqrt() * latents[idx] + (1 - ab).sqrt() * noise
+            pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            return (weight[t] * per_sample).mean()
+
+        done = loop.run(
+            self.seed, loss_fn, self.limits, warmup=cfg["warmup_steps"], ema_decay=cfg["ema_decay"]
+        )
+        if not done:
+            return False
+        torch.save(
+            {"unet": loop.final_state("unet"), "text_encoder": loop.final_state("text_encoder")},
+            self.build / "generator.pt",
+        )
+        return True
+
+    def stage_export(self) -> bool:
+        """Write the pipeline in diffusers layout (fp16 safetensors) and copy the judges."""
+        import shutil
+
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
+        scaling = torch.load(self.build / "latents.pt")["scaling_factor"]
+        vae = build_vae(self.r, scaling_factor=scaling)
+        vae.load_state_dict(torch.load(self.build / "vae.pt"))
+        trained = torch.load(self.build / "generator.pt")
+        unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
+        unet.load_state_dict(trained["unet"])
+        text_encoder.load_state_dict(trained["text_encoder"])
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler(**SD_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.to(torch.float16)
+        target = self.out
+        if target.exists():
+            shutil.rmtree(target)
+        pipe.save_pretrained(target / "pipeline", safe_serialization=True)
+        shutil.copytree(self.build / "export" / "clip", target / "clip")
+        shutil.copytree(self.build / "export" / "judges", target / "classifier")
+        return True
+
+    def run(self, stages: list[str]) -> bool:
+        """Stages whose mark is in ``done.json`` are skipped; marks and times are re-read before
+        each write, so independent stages may train in parallel processes."""
+        for stage in stages:
+            if stage in self._read("done.json", []) and stage != "export":
+                continue
+            started = time.monotonic()
+            if stage in TRAINED:  # initial weights must not depend on which stages ran before
+                torch.manual_seed(self.seed * 1000 + TRAINED.index(stage))
+            finished = getattr(self, f"stage_{stage}")()
+            times = self._read("times.json", {})
+            times[stage] = times.get(stage, 0.0) + time.monotonic() - started
+            self._write("times.json", times)
+            if not finished:
+                print(
+                    f"[mini-world] {stage}: paused at the time or step limit; run again to resume"
+                )
+                return False
+            self._write("done.json", sorted({*self._read("done.json", []), stage}))
+        return True
+
+    def _read(self, name: str, default: Any) -> Any:
+        path = self.build / name
+        return json.loads(path.read_text()) if path.exists() else default
+
+    def _write(self, name: str, value: Any) -> None:
+        atomic_write(self.build / name, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
