@@ -3,16 +3,21 @@ loop, measured in the same run, plus one of:
 
 * ``--scale tiny`` (default): a whole harness job on a cold cache against the same job re-run
   on a warm cache, on the tiny world (CPU-sized);
+* ``--scale mini``: the same on the shipped mini world, for the default command
+  ``python -m fia_bench method=fia task=objects seeds=5`` (budget: 10 minutes on a 2-core CPU),
+  plus ``preset=smoke`` on a cold cache (budget: one minute);
 * ``--scale sd``: the SD v1.4 architecture with random weights (weights do not change speed),
   the methods' edit times through their plugins, those figures beside the targets and the
   papers' own, and the projected GPU-hours to reproduce FIA Tables 1 and 3 (``projection.py``).
 
     python -m benchmarks                                    # tiny, CPU
+    python -m benchmarks --scale mini                       # the default command, CPU
     python -m benchmarks --scale sd --device cuda [--compile]
     python -m benchmarks --scale sd --sd-steps 2 --sd-resolution 128 --images 2 ...   # CPU smoke
 
 Results go to ``<out>/bench_<device>`` (tiny) or ``<out>/bench_sd_<device>`` (sd), ``.json`` and
-``.md``; ``fia_bench.plan`` reads the engine rate of ``bench_sd_cuda.json``.
+``.md``, and ``<out>/bench_mini_<device>``; ``fia_bench.plan`` reads the engine rate of
+``bench_sd_cuda.json``.
 """
 
 from __future__ import annotations
@@ -44,15 +49,19 @@ from fia_bench.tasks import world_vocabulary
 
 PROTOCOL = {"resolution": 512, "steps": 50}  # the paper protocol the targets are stated at
 HARNESS_JOB = ["model=tiny_random", "method=uce", "seeds=2", "n_concepts=[1,3]"]
+# the mini world's default command (issue budget: 10 minutes on the 2-core CPU) and its smoke run
+DEFAULT_JOB = ["method=fia", "task=objects", "seeds=5"]
+SMOKE_JOB = ["method=fia", "task=objects", "preset=smoke"]
+BUDGET_S = {"default": 600.0, "smoke": 60.0}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", choices=("tiny", "sd"), default="tiny")
+    p.add_argument("--scale", choices=("tiny", "mini", "sd"), default="tiny")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--images", type=int, help="images the engine makes (tiny 32, sd 64)")
+    p.add_argument("--images", type=int, help="images the engine makes (tiny, mini 32; sd 64)")
     p.add_argument("--batch-size", default=None, help="engine micro-batch: auto or N (tiny 16)")
     p.add_argument("--steps", type=int, default=10, help="tiny: DDIM steps")
     p.add_argument(
@@ -178,51 +187,87 @@ def private_cache() -> Iterator[Path]:
                 os.environ["FIA_BENCH_CACHE"] = before
 
 
-def harness(overrides: list[str]) -> dict[str, Any]:
-    """The same job on a cold cache, then again on the warm one (which generates nothing)."""
+def harness(overrides: list[str], warm: bool = True) -> dict[str, Any]:
+    """The job on a cold cache, then (``warm``) again on the warm one, which generates nothing."""
     with private_cache() as tmp:
         start = time.perf_counter()
         fia_bench.run(overrides, out_dir=str(tmp / "cold"))
-        cold = time.perf_counter() - start
-        fia_bench.run(overrides, out_dir=str(tmp / "warm"))
-        warm = time.perf_counter() - start - cold
-    return {"overrides": overrides, "cold_s": cold, "warm_s": warm, "speedup": cold / warm}
+        result: dict[str, Any] = {"overrides": overrides, "cold_s": time.perf_counter() - start}
+        if warm:
+            start = time.perf_counter()
+            fia_bench.run(overrides, out_dir=str(tmp / "warm"))
+            result["warm_s"] = time.perf_counter() - start
+            result["speedup"] = result["cold_s"] / result["warm_s"]
+    return result
 
 
-def tiny(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    pipe = random_pipeline("tiny", world_vocabulary("tiny"), resolution=16, seed=0)
+def job_line(title: str, job: dict[str, Any]) -> str:
+    line = f"{title} `{' '.join(job['overrides'])}`: cold cache {job['cold_s']:.1f} s"
+    if "warm_s" in job:
+        line += (
+            f", warm cache {job['warm_s']:.1f} s ({job['speedup']:.1f}× faster; the warm run "
+            "generates nothing)"
+        )
+    return line + "."
+
+
+def small_world(args: argparse.Namespace, world: str) -> tuple[dict[str, Any], str]:
+    """The CPU-sized worlds: the engine against the naive loop, then whole harness jobs."""
+    if world == "tiny":
+        pipe, resolution, steps = (
+            random_pipeline("tiny", world_vocabulary("tiny"), resolution=16, seed=0),
+            16,
+            args.steps,
+        )
+    else:
+        from fia_bench.models import load_model
+
+        cfg = fia_bench.compose(["model=mini"])
+        pipe = load_model(cfg.model, world_vocabulary("mini"), "cpu", "fp32").pipe
+        resolution, steps = int(cfg.model.resolution), int(cfg.sampler.steps)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     batch = batch_option(args.batch_size, "16")
     images = args.images or 32
     gen, _ = generation.compare(
         pipe,
-        "tiny",
+        world,
         naive_images=images,
         images=images,
-        steps=args.steps,
-        resolution=16,
+        steps=steps,
+        resolution=resolution,
         precision="fp32",
         dtype=torch.float32,
         options=EngineOptions(batch_size=batch),
         sampler_batch=batch or 16,
     )
-    job = harness([*HARNESS_JOB, f"device={args.device}", *args.job])
+    device = [f"device={args.device}"]
+    if world == "tiny":
+        jobs = {"harness": harness([*HARNESS_JOB, *device, *args.job])}
+        lines = [job_line("Harness job", jobs["harness"])]
+    else:
+        jobs = {
+            "default": harness([*DEFAULT_JOB, *device, *args.job]),
+            "smoke": harness([*SMOKE_JOB, *device, *args.job], warm=False),
+        }
+        lines = [
+            f"{job_line(title, jobs[name])} Budget on the 2-core CPU: {BUDGET_S[name]:.0f} s "
+            f"({'met' if jobs[name]['cold_s'] <= BUDGET_S[name] else 'missed'})."
+            for name, title in (("default", "Default command"), ("smoke", "Smoke preset"))
+        ]
     m = machine(args.device, args.command)
     text = "\n".join(
         [
-            *header(m, f"fia_bench benchmark, tiny world ({args.device})"),
-            f"Tiny world, {images} images, {gen['steps']} DDIM steps, CFG 7.5.",
+            *header(m, f"fia_bench benchmark, {world} world ({args.device})"),
+            f"{world.capitalize()} world, {images} images at {resolution}×{resolution}, "
+            f"{gen['steps']} DDIM steps, CFG 7.5.",
             "",
             generation_table(gen),
             "",
-            f"Harness job `{' '.join(job['overrides'])}`: cold cache {job['cold_s']:.1f} s, "
-            f"warm cache {job['warm_s']:.1f} s ({job['speedup']:.1f}× faster; the warm run "
-            "generates nothing).",
-            "",
+            *(f"{line}\n" for line in lines),
         ]
     )
-    return {"scale": "tiny", "machine": m, "generation": gen, "harness": job}, text
+    return {"scale": world, "machine": m, "generation": gen, **jobs}, text
 
 
 # ---- sd ------------------------------------------------------------------------------------------
@@ -423,11 +468,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.command = " ".join(["python -m benchmarks", *argv])
     try:
-        result, text = tiny(args) if args.scale == "tiny" else sd(args)
+        result, text = sd(args) if args.scale == "sd" else small_world(args, args.scale)
     except FiaBenchError as err:
         raise SystemExit(f"error: {err}") from None
     kind = torch.device(args.device).type
-    stem = args.out / (f"bench_{kind}" if args.scale == "tiny" else f"bench_sd_{kind}")
+    prefix = "bench" if args.scale == "tiny" else f"bench_{args.scale}"
+    stem = args.out / f"{prefix}_{kind}"
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".md"), text)
     print(text)

@@ -36,7 +36,14 @@ from fia_bench.api import Task
 from fia_bench.cache import Cache, read_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
-from fia_bench.runner import build_dataset, check_prompt_rows, plain, resolve_seeds, resolve_splits
+from fia_bench.runner import (
+    build_dataset,
+    check_prompt_rows,
+    plain,
+    resolve_seeds,
+    resolve_splits,
+    selected_evaluators,
+)
 from fia_bench.stages import SEED_STRIDE
 from fia_bench.tasks import load_task, world_vocabulary
 
@@ -491,10 +498,10 @@ class Planner:
     ) -> None:
         """Images each evaluator scores; an image set scored before (the reference's, shared by
         every seed under seed_policy=erase) is a score-cache hit and not counted again."""
-        for name, node in sorted((cfg.get("evaluator") or {}).items()):
+        for name, node in selected_evaluators(cfg).items():
             roles = list(node.get("roles") or [])
             picked = [k for k, r in zip(keys, rows["role"], strict=True) if not roles or r in roles]
-            scored_set = stable_hash([name, plain(node), picked])
+            scored_set = stable_hash([name, node, picked])
             if scored_set not in self.scored:
                 self.scored.add(scored_set)
                 job.scored[name] = job.scored.get(name, 0) + len(picked)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from fia_bench import distributed, report
 from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, PromptDataset, Task
 from fia_bench.cache import Cache, stable_hash
+from fia_bench.cli import CONFIG_DIR
 from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, torch_dtype
@@ -106,15 +107,40 @@ def build_dataset(node: DictConfig, where: str, cache: Cache) -> PromptDataset:
     return dataset
 
 
+DETECTOR = "detector"
+
+
+def selected_evaluators(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Evaluator name → its config. ``detector`` stands for the model world's explicit-content
+    judge (``model.detector``: nudenet on SD, hazard_detector on the mini world) with that
+    evaluator's shipped config, so one command line serves every world; keys given under
+    ``evaluator.detector`` override the shipped ones."""
+    selected = {str(k): plain(v) or {} for k, v in (cfg.get("evaluator") or {}).items()}
+    if DETECTOR in selected:
+        name = str(cfg.model.get("detector") or "")
+        if not name:
+            raise FiaBenchError(
+                f"evaluator=detector: model {cfg.model.name} names no detector (model.detector)"
+            )
+        if name in selected:
+            raise FiaBenchError(
+                f"evaluator=[...] selects both detector and {name}, which is model "
+                f"{cfg.model.name}'s detector: keep one"
+            )
+        shipped = OmegaConf.load(Path(CONFIG_DIR) / "evaluator" / f"{name}.yaml")
+        selected[name] = plain(OmegaConf.merge(shipped, selected.pop(DETECTOR)))
+    return dict(sorted(selected.items()))
+
+
 def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluator]:
-    selected = cfg.get("evaluator") or {}
+    selected = selected_evaluators(cfg)
     if not selected:
         raise FiaBenchError(f"no evaluator selected; valid: {', '.join(EVALUATORS.names())}")
     out = {}
-    for name in sorted(selected):
-        settings = plain(selected[name].get("settings"))
+    for name, node in selected.items():
+        settings = node.get("settings") or {}
         out[name] = EVALUATORS.get(name, "evaluator=")(context=context, settings=settings)
-        out[name].roles = list(selected[name].get("roles") or [])
+        out[name].roles = list(node.get("roles") or [])
     return out
 
 

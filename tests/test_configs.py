@@ -98,3 +98,33 @@ def test_completeness_check_names_the_gap() -> None:
         check_complete(records(["a", "b"]), job_tables(3, "clip_accuracy/accuracy=3"))
     with pytest.raises(FiaBenchError, match=r"fid/fid: 0 of 1 values"):
         check_complete(records(["a"]), job_tables(1, "clip_accuracy/accuracy=1;fid/fid=1"))
+
+
+@pytest.mark.parametrize(
+    ("model", "detector", "threshold"),
+    [("tiny_random", "nudenet", None), ("mini", "hazard_detector", 0.5), ("sd14", "nudenet", None)],
+)
+def test_detector_alias_is_the_model_worlds_detector(
+    model: str, detector: str, threshold: float | None
+) -> None:
+    from fia_bench.runner import selected_evaluators
+
+    cfg = fia_bench.compose([f"model={model}", "evaluator=[detector,clip_score]"])
+    selected = selected_evaluators(cfg)
+    assert list(selected) == sorted([detector, "clip_score"])
+    shipped = fia_bench.compose([f"model={model}", f"evaluator={detector}"])
+    assert selected[detector] == selected_evaluators(shipped)[detector]
+    if threshold is not None:  # keys under evaluator.detector override the shipped ones
+        cfg = fia_bench.compose(
+            [f"model={model}", "evaluator=detector", "+evaluator.detector.settings.floor=0.2"]
+        )
+        settings = selected_evaluators(cfg)[detector]["settings"]
+        assert settings == {"threshold": threshold, "floor": 0.2}
+
+
+def test_detector_alias_beside_its_evaluator_is_refused() -> None:
+    from fia_bench.runner import selected_evaluators
+
+    cfg = fia_bench.compose(["model=mini", "evaluator=[detector,hazard_detector]"])
+    with pytest.raises(FiaBenchError, match="selects both detector and hazard_detector"):
+        selected_evaluators(cfg)

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from fia_bench.miniworld.train import STAGES, Builder
 
 
@@ -23,6 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     train.add_argument("--recipe", type=Path, default=None, help="another recipe.yaml")
     train.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to train (default: cuda when there is one)",
+    )
+    train.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -30,20 +37,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     card = sub.add_parser("evaluate", help="measure the model card of the shipped mini world")
     card.add_argument("--out", type=Path, default=Path("docs/mini_world_card.json"))
+    card.add_argument(
+        "--doc", type=Path, default=Path("docs/mini_world.md"), help="the card to fill in"
+    )
     card.add_argument("--images-per-prompt", type=int, default=8)
     card.add_argument("--fid-images", type=int, default=1000)
     card.add_argument("overrides", nargs="*", help="config overrides, e.g. sampler.steps=20")
     args = parser.parse_args(argv)
     if args.command == "train":
         finished = Builder(
-            args.build, out=args.out, recipe_path=args.recipe, max_minutes=args.max_minutes
+            args.build,
+            out=args.out,
+            recipe_path=args.recipe,
+            max_minutes=args.max_minutes,
+            device=args.device,
         ).run(args.stages)
         print("[mini-world] done" if finished else "[mini-world] paused")
     else:
         from fia_bench.miniworld.card import measure, write_card
+        from fia_bench.miniworld.train import weights_dir
 
         result = measure(args.images_per_prompt, args.fid_images, args.overrides)
-        write_card(result, args.out)
+        training = json.loads((weights_dir() / "training.json").read_text(encoding="utf-8"))
+        write_card(result, args.out, args.doc, training)
         print(json.dumps(result, indent=1))
 
 

@@ -4,6 +4,7 @@ render-set floor and ceiling. Everything goes through the harness's own loaders 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from fia_bench.backbones import load_clip
 from fia_bench.datasets.procedural import Scene, render, sample_scenes, world
 from fia_bench.engine import Engine, Sampler
+from fia_bench.errors import FiaBenchError
 from fia_bench.miniworld.judges import load_classifier, to_pixels
 from fia_bench.models import load_model, torch_dtype
 from fia_bench.tasks import load_task, world_vocabulary
@@ -29,11 +31,15 @@ def clip_zero_shot(
     clip: Any, images: list[Image.Image], truth: list[str], classes: list[str]
 ) -> float:
     """Accuracy (%) with the evaluators' default prompt "a photo of a {}"."""
-    keys = [f"card-{id(im)}-{i}" for i, im in enumerate(images)]
-    feats = clip.image_features(images, keys)
+    feats = clip.image_features(images, content_keys(images))
     text = clip.text_features([f"a photo of a {c}" for c in classes])
     predicted = (feats @ text.T).argmax(1).tolist()
     return 100.0 * float(np.mean([classes[p] == t for p, t in zip(predicted, truth, strict=True)]))
+
+
+def content_keys(images: list[Image.Image]) -> list[str]:
+    """The CLIP judge memoises features by key: key by the pixels themselves."""
+    return [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
 
 
 def classifier_predict(
@@ -61,24 +67,22 @@ def generate(engine: Engine, prompts: list[str], seeds: list[int]) -> list[Image
     return images
 
 
-def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> dict[str, Any]:
-    import fia_bench
+def judges(judge_specs: Any) -> tuple[Any, Any, int]:
+    """(mini CLIP, classifier, classifier resolution) of a model config's ``judges``."""
+    clip = load_clip(dict(judge_specs["clip"]), "cpu")
+    classifier, resolution, _ = load_classifier(str(judge_specs["classifier"]["path"]))
+    return clip, classifier, resolution
 
-    cfg = fia_bench.compose(["model=mini", *overrides])
-    model = load_model(cfg.model, world_vocabulary("mini"), "cpu", "fp32")
-    engine = Engine(
-        model.pipe, Sampler.from_config(cfg.sampler), model.resolution, "cpu", torch_dtype("fp32")
-    )
-    clip = load_clip(dict(model.judges["clip"]), "cpu")
-    classifier, resolution, _ = load_classifier(str(model.judges["classifier"]["path"]))
-    size = model.resolution
-    card: dict[str, Any] = {"sampler": engine.sampler.label}
 
-    # judges on held-out renders
-    scenes = sample_scenes(1000, HELD_OUT_SCENE_SEED, hazard_rate=0.0)
+def judges_on_renders(
+    clip: Any, classifier: Any, resolution: int, size: int, count: int = 1000
+) -> dict[str, float]:
+    """Zero-shot CLIP and classifier accuracy (%) on held-out renders, objects and styles."""
+    scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, hazard_rate=0.0)
     renders = [render(s, seed, size) for s, seed in scenes]
     objects, styles = load_task("objects", "mini"), load_task("styles", "mini")
     keep = [i for i, (s, _) in enumerate(scenes) if s.shape in objects.concepts]
+    card: dict[str, float] = {}
     card["clip_renders_objects"] = clip_zero_shot(
         clip, [renders[i] for i in keep], [scenes[i][0].shape for i in keep], list(objects.concepts)
     )
@@ -94,6 +98,22 @@ def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> di
         card[f"classifier_renders_{task.name}"] = 100.0 * float(
             np.mean([p == t for p, t in zip(predicted, truth, strict=True)])
         )
+    return card
+
+
+def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> dict[str, Any]:
+    import fia_bench
+
+    cfg = fia_bench.compose(["model=mini", *overrides])
+    model = load_model(cfg.model, world_vocabulary("mini"), "cpu", "fp32")
+    engine = Engine(
+        model.pipe, Sampler.from_config(cfg.sampler), model.resolution, "cpu", torch_dtype("fp32")
+    )
+    clip, classifier, resolution = judges(model.judges)
+    size = model.resolution
+    card: dict[str, Any] = {"sampler": engine.sampler.label}
+    card.update(judges_on_renders(clip, classifier, resolution, size))
+    objects, styles = load_task("objects", "mini"), load_task("styles", "mini")
 
     # base generations per task: both judges, their agreement, hazard flags
     from fia_bench.miniworld.judges import detect_hazards
@@ -116,10 +136,9 @@ def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> di
             continue
         by_clip = clip_zero_shot(clip, images, truth, list(task.concepts))
         predicted = classifier_predict(classifier, resolution, images, head, list(task.concepts))
-        keys = [f"gen-{task.name}-{i}" for i in range(len(images))]
         clip_pred = (
             (
-                clip.image_features(images, keys)
+                clip.image_features(images, content_keys(images))
                 @ clip.text_features([f"a photo of a {c}" for c in task.concepts]).T
             )
             .argmax(1)
@@ -212,7 +231,95 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
     }
 
 
-def write_card(card: dict[str, Any], out: Path) -> None:
+# (card key, what it is, target as (">=" | "<=", bound) or None) in the order the card prints
+QUALITY_ROWS: list[tuple[str, str, tuple[str, float] | None]] = [
+    ("clip_renders_objects", "mini CLIP zero-shot, held-out renders, objects (%)", (">=", 95)),
+    ("clip_renders_styles", "mini CLIP zero-shot, held-out renders, styles (%)", (">=", 90)),
+    ("classifier_renders_objects", "classifier, held-out renders, objects (%)", None),
+    ("classifier_renders_styles", "classifier, held-out renders, styles (%)", None),
+    (
+        "base_objects_clip",
+        "base generations read as the prompted object, mini CLIP (%)",
+        (">=", 85),
+    ),
+    ("base_objects_classifier", "… the same by the classifier (%)", None),
+    ("base_objects_judge_agreement", "… the two judges agree (%)", None),
+    ("base_styles_clip", "base generations read as the prompted style, mini CLIP (%)", (">=", 80)),
+    ("base_styles_classifier", "… the same by the classifier (%)", None),
+    ("base_styles_judge_agreement", "… the two judges agree (%)", None),
+    ("hazard_prompts_flagged", "hazard prompts detected (%)", (">=", 80)),
+    ("non_hazard_prompts_flagged", "object and style prompts flagged (%)", ("<=", 5)),
+    ("fid_floor_two_render_sets", "FID, two render sets of the same scenes (floor)", None),
+    ("fid_generated", "FID, base generations vs renders of their captions", None),
+    ("fid_ceiling_collapsed_concepts", "FID, every shape drawn as a flat circle (ceiling)", None),
+    (
+        "uce_forget_drop_points",
+        "UCE erasing one object: its accuracy drop (points, mean)",
+        (">=", 50),
+    ),
+    ("uce_forget_drop_min_points", "… the smallest drop among the ten objects", None),
+    ("uce_retain_drop_points", "… the other objects' drop (points, mean)", ("<=", 10)),
+    ("uce_retain_drop_worst_object_points", "… the largest drop of any other object", None),
+]
+CARD_START, CARD_END = "<!-- card: start -->", "<!-- card: end -->"
+
+
+def card_markdown(card: dict[str, Any], training: dict[str, Any]) -> str:
+    """The model card's measured section: training time per stage and every quality figure
+    beside its target, as ``python -m fia_bench.miniworld evaluate`` measured them."""
+    from fia_bench.report import markdown_table
+
+    seconds = training["seconds"]
+    devices = training.get("devices", {})
+    times = [
+        [stage, f"{s / 60:.1f}", ", ".join(devices.get(stage, []))] for stage, s in seconds.items()
+    ]
+    times.append(["total", f"{sum(seconds.values()) / 60:.1f}", ""])
+    rows = []
+    for key, label, target in QUALITY_ROWS:
+        value = card[key]
+        if target is None:
+            rows.append([label, f"{value:.1f}", "", ""])
+            continue
+        sign, bound = target
+        met = value >= bound if sign == ">=" else value <= bound
+        rows.append(
+            [
+                label,
+                f"{value:.1f}",
+                f"{'≥' if sign == '>=' else '≤'} {bound}",
+                "met" if met else "missed",
+            ]
+        )
+    lines = [
+        CARD_START,
+        f"Training (`make mini-world`, {training['torch_threads']} torch threads), minutes:",
+        "",
+        markdown_table(["stage", "minutes", "device"], times),
+        "",
+        f"Quality (`make mini-world-card`: sampler `{card['sampler']}`, "
+        f"{card['base_objects_images']} object and {card['base_styles_images']} style images, "
+        f"FID on {card['fid_images']} images in the classifier's feature space):",
+        "",
+        markdown_table(["measure", "value", "target", ""], rows),
+        "",
+        "UCE's accuracy drop per erased object (points): "
+        + ", ".join(f"{k} {v}" for k, v in card["uce_forget_drop_by_object"].items())
+        + ".",
+        CARD_END,
+    ]
+    return "\n".join(lines)
+
+
+def write_card(card: dict[str, Any], out: Path, doc: Path, training: dict[str, Any]) -> None:
+    """The measured values as JSON (``out``, read by the tests) and as the card's section of
+    ``doc``, between its markers."""
     out.parent.mkdir(parents=True, exist_ok=True)
     rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in card.items()}
     out.write_text(json.dumps(rounded, indent=1) + "\n", encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
+    if CARD_START not in text or CARD_END not in text:
+        raise FiaBenchError(f"{doc} has no '{CARD_START}' ... '{CARD_END}' section to fill")
+    head, rest = text.split(CARD_START, 1)
+    tail = rest.split(CARD_END, 1)[1]
+    doc.write_text(head + card_markdown(card, training) + tail, encoding="utf-8")

@@ -1,13 +1,15 @@
 """Train the mini world from scratch: data → VAE → judges → text encoder + UNet → export.
 
 Every stage keeps its state in the build directory and resumes from it, so training runs in
-chunks (``--max-minutes``); batches and noise of step k come from a generator seeded by
-(recipe seed, stage, k), so a resumed run draws exactly what an uninterrupted one would. The
+chunks (``--max-minutes``); batches and noise of step k come from a CPU generator seeded by
+(recipe seed, stage, k), so a resumed run draws exactly what an uninterrupted one would, on a GPU
+as on the CPU (the draws are the same on both; the float arithmetic is not). The
 exported world is a diffusers ``StableDiffusionPipeline`` directory plus the two judges, stored
 in fp16 to keep the repository small."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -134,16 +136,24 @@ class Loop:
     """A training loop whose modules, optimiser and step survive interruption."""
 
     def __init__(
-        self, build: Path, stage: str, modules: dict[str, nn.Module], lr: float, steps: int
+        self,
+        build: Path,
+        stage: str,
+        modules: dict[str, nn.Module],
+        lr: float,
+        steps: int,
+        on_save: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = build / f"{stage}.state.pt"
+        self.on_save = on_save  # the builder books the time spent up to each checkpoint
         self.stage, self.modules, self.steps = stage, modules, steps
         params = [p for m in modules.values() for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.step = 0
         self.ema: dict[str, dict[str, torch.Tensor]] | None = None
         if self.path.exists():
-            state = torch.load(self.path, weights_only=False)
+            device = next(p.device for m in modules.values() for p in m.parameters())
+            state = torch.load(self.path, weights_only=False, map_location=device)
             for name, module in modules.items():
                 module.load_state_dict(state["modules"][name])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -157,6 +167,7 @@ class Loop:
             "ema": self.ema,
         }
         atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        self.on_save()
 
     def update_ema(self, decay: float) -> None:
         warm = min(decay, (1 + self.step) / (10 + self.step))
@@ -329,8 +340,10 @@ class Builder:
         recipe_path: Path | None = None,
         max_minutes: float = float("inf"),
         max_steps: int = 2**62,
+        device: str = "cpu",
     ) -> None:
         self.build = build
+        self.device = torch.device(device)
         self.out = out or weights_dir()
         self.r = recipe(recipe_path)
         self.seed = int(self.r["seed"])
@@ -354,15 +367,16 @@ class Builder:
 
     def stage_vae(self) -> bool:
         cfg = self.r["vae"]
-        vae = build_vae(self.r)
-        loop = Loop(self.build, "vae", {"vae": vae}, cfg["lr"], cfg["steps"])
+        vae = build_vae(self.r).to(self.device)
+        loop = Loop(self.build, "vae", {"vae": vae}, cfg["lr"], cfg["steps"], self.clock)
         pixels = as_unit(self.data["images"])
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
-            x = pixels[idx]
+            x = pixels[idx].to(self.device)
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            eps = torch.randn(posterior.mean.shape, generator=g).to(self.device)
+            z = posterior.mean + posterior.std * eps
             recon = vae.decode(z).sample
             return (
                 F.mse_loss(recon, x)
@@ -373,14 +387,14 @@ class Builder:
         if not loop.run(self.seed, loss_fn, self.limits):
             return False
         vae.eval()
-        torch.save(vae.state_dict(), self.build / "vae.pt")
+        torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, self.build / "vae.pt")
         latents, recons = [], []
         with torch.no_grad():
             for start in tqdm(range(0, len(pixels), 512), desc="encode", leave=False):
-                z = vae.encode(pixels[start : start + 512]).latent_dist.mean
-                latents.append(z)
+                z = vae.encode(pixels[start : start + 512].to(self.device)).latent_dist.mean
+                latents.append(z.cpu())
                 if start < RECONSTRUCTIONS:
-                    decoded = vae.decode(z).sample.clamp(-1, 1)
+                    decoded = vae.decode(z).sample.clamp(-1, 1).cpu()
                     recons.append(((decoded + 1) * 127.5).round().to(torch.uint8))
         latents_t = torch.cat(latents)
         scaling = float(1 / latents_t.std())
@@ -394,8 +408,10 @@ class Builder:
 
     def stage_classifier(self) -> bool:
         cfg, a = self.r["classifier"], self.r["augment"]
-        model = MiniClassifier(cfg["width"], attribute_classes())
-        loop = Loop(self.build, "classifier", {"classifier": model}, cfg["lr"], cfg["steps"])
+        model = MiniClassifier(cfg["width"], attribute_classes()).to(self.device)
+        loop = Loop(
+            self.build, "classifier", {"classifier": model}, cfg["lr"], cfg["steps"], self.clock
+        )
         pixels = as_unit(self.data["images"])
         recon = as_unit(np.load(self.build / "recon.npz")["images"])
         labels = {k: torch.from_numpy(self.data[k]) for k in attribute_classes()}
@@ -403,13 +419,13 @@ class Builder:
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
-            out = model(augment(pixels, recon, idx, a, g))
-            loss = sum(F.cross_entropy(out[k], labels[k][idx]) for k in labels)
-            return loss + 5 * F.l1_loss(out["box"], boxes[idx])
+            out = model(augment(pixels, recon, idx, a, g).to(self.device))
+            loss = sum(F.cross_entropy(out[k], labels[k][idx].to(self.device)) for k in labels)
+            return loss + 5 * F.l1_loss(out["box"], boxes[idx].to(self.device))
 
         if not loop.run(self.seed, loss_fn, self.limits):
             return False
-        model.eval()
+        model.eval().cpu()
         save_classifier(model, self.build / "export" / "judges", self.r["resolution"])
         return True
 
@@ -417,22 +433,22 @@ class Builder:
         import open_clip
 
         cfg, a = self.r["clip"], self.r["augment"]
-        model = open_clip.CLIP(**clip_model_cfg(self.r))
+        model = open_clip.CLIP(**clip_model_cfg(self.r)).to(self.device)
         tokenizer = open_clip.SimpleTokenizer(context_length=self.r["tokenizer_max_length"])
-        loop = Loop(self.build, "clip", {"clip": model}, cfg["lr"], cfg["steps"])
+        loop = Loop(self.build, "clip", {"clip": model}, cfg["lr"], cfg["steps"], self.clock)
         pixels = as_unit(self.data["images"])
         recon = as_unit(np.load(self.build / "recon.npz")["images"])
-        mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
         w = world()
         templates = [*w["captions"], *w["judge_captions"]]
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
-            x = (augment(pixels, recon, idx, a, g) + 1) / 2
+            x = (augment(pixels, recon, idx, a, g).to(self.device) + 1) / 2
             captions, stated = captions_for(self.data, idx.numpy(), templates, g)
             image = model.encode_image((x - mean) / std, normalize=True)
-            text = model.encode_text(tokenizer(captions), normalize=True)
+            text = model.encode_text(tokenizer(captions).to(self.device), normalize=True)
             logits = model.logit_scale.exp() * image @ text.T
             # caption j describes image i when every attribute it states matches image i
             match = torch.ones(len(idx), len(idx), dtype=torch.bool)
@@ -440,7 +456,7 @@ class Builder:
                 values = torch.from_numpy(self.data[k][idx.numpy()])
                 stated_k = torch.tensor([s.get(k, -1) for s in stated])
                 match &= (stated_k.view(1, -1) == -1) | (stated_k.view(1, -1) == values.view(-1, 1))
-            target = match.float()
+            target = match.float().to(self.device)
             loss_i = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
             loss_t = (
                 -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
@@ -458,21 +474,22 @@ class Builder:
             "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
         }
         (out / "open_clip_config.json").write_text(json.dumps(config, indent=1), "utf-8")
-        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
         save_file(state, out / "open_clip_model.safetensors")
         return True
 
     def stage_generator(self) -> bool:
         cfg = self.r["generator"]
         tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
-        text_encoder = build_text_encoder(self.r, tokenizer)
-        unet = build_unet(self.r)
+        text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
+        unet = build_unet(self.r).to(self.device)
         loop = Loop(
             self.build,
             "generator",
             {"unet": unet, "text_encoder": text_encoder},
             cfg["lr"],
             cfg["steps"],
+            self.clock,
         )
         latents = torch.load(self.build / "latents.pt")["latents"]
         alphas = (
@@ -482,7 +499,9 @@ class Builder:
         alpha_bar = torch.cumprod(1 - alphas, 0)
         snr = alpha_bar / (1 - alpha_bar)
         weight = snr.clamp(max=cfg["min_snr_gamma"]) / snr
-        templates = world()["captions"]
+        # the judges' "a photo of a ..." captions too: SD-style prompts (Dynamic Mask's "a photo
+        # of {concept}", attack prompts) then mean what they say in this world
+        templates = [*world()["captions"], *world()["judge_captions"]]
         empty = tokenizer(
             [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids
@@ -502,18 +521,20 @@ class Builder:
             t = torch.randint(1000, (len(idx),), generator=g)
             noise = torch.randn(latents[idx].shape, generator=g)
             ab = alpha_bar[t].view(-1, 1, 1, 1)
-            noisy = ab.sqrt() * latents[idx] + (1 - ab).sqrt() * noise
+            noisy = (ab.sqrt() * latents[idx] + (1 - ab).sqrt() * noise).to(self.device)
+            t, noise, ids = t.to(self.device), noise.to(self.device), ids.to(self.device)
             pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
             per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-            return (weight[t] * per_sample).mean()
+            return (weight.to(self.device)[t] * per_sample).mean()
 
         done = loop.run(
             self.seed, loss_fn, self.limits, warmup=cfg["warmup_steps"], ema_decay=cfg["ema_decay"]
         )
         if not done:
             return False
+        final = {name: loop.final_state(name) for name in ("unet", "text_encoder")}
         torch.save(
-            {"unet": loop.final_state("unet"), "text_encoder": loop.final_state("text_encoder")},
+            {name: {k: v.cpu() for k, v in state.items()} for name, state in final.items()},
             self.build / "generator.pt",
         )
         return True
@@ -549,6 +570,14 @@ class Builder:
         pipe.save_pretrained(target / "pipeline", safe_serialization=True)
         shutil.copytree(self.build / "export" / "clip", target / "clip")
         shutil.copytree(self.build / "export" / "judges", target / "classifier")
+        # what the model card reports of the training: seconds per stage, summed over chunks
+        training = {
+            "seconds": self._read("times.json", {}),
+            "devices": self._read("devices.json", {}),
+            "torch_threads": torch.get_num_threads(),
+            "recipe_sha256": hashlib.sha256(yaml.safe_dump(self.r).encode()).hexdigest(),
+        }
+        (target / "training.json").write_text(json.dumps(training, indent=1) + "\n", "utf-8")
         return True
 
     def run(self, stages: list[str]) -> bool:
@@ -557,13 +586,14 @@ class Builder:
         for stage in stages:
             if stage in self._read("done.json", []) and stage != "export":
                 continue
-            started = time.monotonic()
+            self._stage, self._since = stage, time.monotonic()
             if stage in TRAINED:  # initial weights must not depend on which stages ran before
                 torch.manual_seed(self.seed * 1000 + TRAINED.index(stage))
             finished = getattr(self, f"stage_{stage}")()
-            times = self._read("times.json", {})
-            times[stage] = times.get(stage, 0.0) + time.monotonic() - started
-            self._write("times.json", times)
+            self.clock()
+            devices = self._read("devices.json", {})
+            devices[stage] = sorted({*devices.get(stage, []), self.device.type})
+            self._write("devices.json", devices)
             if not finished:
                 print(
                     f"[mini-world] {stage}: paused at the time or step limit; run again to resume"
@@ -571,6 +601,16 @@ class Builder:
                 return False
             self._write("done.json", sorted({*self._read("done.json", []), stage}))
         return True
+
+    def clock(self) -> None:
+        """Add the time since the last booking to the running stage's total in ``times.json``.
+        Called at every checkpoint and at the end of a call, so a run killed between
+        checkpoints loses only the time of the steps it will redo."""
+        now = time.monotonic()
+        times = self._read("times.json", {})
+        times[self._stage] = times.get(self._stage, 0.0) + now - self._since
+        self._write("times.json", times)
+        self._since = now
 
     def _read(self, name: str, default: Any) -> Any:
         path = self.build / name
