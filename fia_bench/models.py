@@ -148,12 +148,7 @@ def random_pipeline(architecture: str, vocabulary: Iterable[str], resolution: in
     The tokenizer is our own word tokenizer (the real CLIP vocabulary would need a download); the
     text encoder's embedding table keeps the architecture's size when it has one.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if architecture not in ARCHITECTURES:
@@ -180,6 +175,13 @@ def random_pipeline(architecture: str, vocabulary: Iterable[str], resolution: in
             **text,
         )
     )
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any):
+    """An SD v1 pipeline of these components with SD's DDIM scheduler and no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -11,6 +11,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -329,6 +330,10 @@ def versions() -> dict[str, str]:
 
 
 # ---- writing -------------------------------------------------------------------------------
+PLOT, GRID = "metrics_vs_n.png", "grid.png"
+FIGURES = {PLOT: "metrics against the number of erased concepts", GRID: "prompts × methods"}
+
+
 def write_report(
     out_dir: Path,
     records: pd.DataFrame,
@@ -387,18 +392,23 @@ def write_report(
             ),
             "",
         ]
-    md += [
-        "![metrics against the number of erased concepts](metrics_vs_n.png)",
-        "",
-        "![prompts × methods](grid.png)",
-        "",
-    ]
+    md += [f"![{alt}]({name})\n" for name, alt in FIGURES.items()]
     write_text(out_dir / "report.md", "\n".join(md))
     write_text(out_dir / "report.tex", "\n".join(tex))
     if not summary.empty:
-        plot_metrics(summary, out_dir / "metrics_vs_n.png")
-    image_grid(records, caches, out_dir / "grid.png", grid_prompts)
+        plot_metrics(summary, out_dir / PLOT)
+    image_grid(records, caches, out_dir / GRID, grid_prompts)
     return summary, tests
+
+
+def relocated(markdown: str, out_dir: Path, target: Path) -> str:
+    """The report's text for a file at ``target``: figure links point into ``out_dir``."""
+    prefix = Path(os.path.relpath(out_dir.resolve(), target.resolve().parent)).as_posix()
+    if prefix == ".":
+        return markdown
+    for name in FIGURES:
+        markdown = markdown.replace(f"]({name})", f"]({prefix}/{name})")
+    return markdown
 
 
 def write_run(
@@ -489,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--grid-prompts", type=int, default=4)
     parser.add_argument("--reference", default="none")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the report's markdown here, its figure links pointing into --out",
+    )
     args = parser.parse_args(argv)
     try:
         records, runs, caches, configs = load_runs(args.runs)
@@ -504,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     except FiaBenchError as err:
         print(f"fia_bench.report: error: {err}", file=sys.stderr)
         return 2
-    print((args.out / "report.md").read_text(encoding="utf-8"))
+    text = (args.out / "report.md").read_text(encoding="utf-8")
+    if args.markdown:
+        write_text(args.markdown, relocated(text, args.out, args.markdown))
+    print(text)
     return 0
 
 

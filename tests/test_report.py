@@ -72,3 +72,14 @@ def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
     ]
     [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"])
     assert table[-1] == ["**Overall (H)**", "75.00 ± 35.36"]
+
+
+def test_relocated_report_links_its_figures_from_the_new_place(tmp_path) -> None:
+    from fia_bench.report import FIGURES, relocated
+
+    out = tmp_path / "docs" / "results_mini"
+    text = "# report\n" + "".join(f"![{alt}]({name})\n" for name, alt in FIGURES.items())
+    moved = relocated(text, out, tmp_path / "docs" / "results_mini.md")
+    for name in FIGURES:
+        assert f"](results_mini/{name})" in moved
+    assert relocated(text, out, out / "report.md") == text

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from fia_bench.cache import atomic_write
 from fia_bench.datasets.procedural import Scene, render_with_box, sample_scenes, world
 from fia_bench.miniworld.judges import MiniClassifier, attribute_classes, save_classifier
-from fia_bench.models import SD_SCHEDULER, word_tokenizer
+from fia_bench.models import SD_SCHEDULER, assemble_pipeline, word_tokenizer
 from fia_bench.tasks import world_vocabulary
 
 STAGES = ("data", "vae", "classifier", "clip", "generator", "export")
@@ -543,8 +543,6 @@ class Builder:
         """Write the pipeline in diffusers layout (fp16 safetensors) and copy the judges."""
         import shutil
 
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
         tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
         scaling = torch.load(self.build / "latents.pt")["scaling_factor"]
         vae = build_vae(self.r, scaling_factor=scaling)
@@ -553,16 +551,7 @@ class Builder:
         unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
         unet.load_state_dict(trained["unet"])
         text_encoder.load_state_dict(trained["text_encoder"])
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler(**SD_SCHEDULER),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
         pipe.to(torch.float16)
         target = self.out
         if target.exists():
