@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # `make run` compares UCE with the unedited model; `make run ARGS="method=none seeds=1"` overrides.
 RUN_ARGS := method=uce seeds=3
 
-.PHONY: install run test bench lint clean mini-world mini-world-card
+.PHONY: install run test bench lint clean mini-world mini-world-card results-mini
 
 install: $(STAMP)
 
@@ -32,6 +32,15 @@ mini-world: $(STAMP)
 
 mini-world-card: $(STAMP)
 	$(PY) -m fia_bench.miniworld evaluate $(ARGS)
+
+# The five methods on the mini world (docs/results_mini.md): one sweep, merged into one report.
+RESULTS_MINI := multirun/results_mini
+results-mini: $(STAMP)
+	$(PY) -m fia_bench -m method=fia,scapre,dynamic_mask,esd,uce task=objects \
+		'n_concepts=[1,5,10]' seeds=3 task.prompts.settings.per_concept=8 \
+		hydra.sweep.dir=$(RESULTS_MINI) $(ARGS)
+	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/ --out docs/results_mini \
+		--markdown docs/results_mini.md
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

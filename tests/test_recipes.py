@@ -1,6 +1,6 @@
 """Paper-table recipes: every experiment composes with its pins, each SD recipe has a mini-world
-analogue of the same structure, and every mini analogue runs end to end at smoke size (on the
-tiny world until the mini world's weights ship) and yields its comparison report."""
+analogue of the same structure, and every mini analogue runs end to end at smoke size on the
+shipped mini world, with its own judges, and yields its comparison report."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_mini_analogue_has_the_same_structure(name: str) -> None:
 
 
 # ---- smoke runs of the mini analogues ------------------------------------------------------------
-SMOKE = ["model=tiny_random", "seeds=2", "sampler.steps=2", "sampler.batch_size=8"]
+SMOKE = ["model=mini", "seeds=2", "sampler.steps=2", "sampler.batch_size=8"]
 SHRINK_METHOD = {
     "fia": [
         "method.settings.placeholders_per_concept=1",
@@ -210,25 +210,13 @@ SHRINK_ATTACKS = [
 
 
 def smoke_overrides(name: str) -> list[str]:
-    """Smallest run of a mini recipe on the tiny world: its concept counts, evaluators and
-    metrics stay; the tiny world's stand-ins replace what only the mini world has (its hazard
-    detector and judge features) and mini concept names."""
+    """Smallest run of a mini recipe: its concept counts, evaluators and metrics stay; prompts,
+    sampling steps, method and attack budgets shrink."""
     cfg = composed(name)
     out = [f"experiment={name}", *SMOKE, "task.prompts.settings.per_concept=1"]
     out += SHRINK_METHOD[str(cfg.method.name)]
     if cfg.task.get("quality"):
         out.append("task.quality.settings.limit=4")
-    if "fid" in (cfg.get("evaluator") or {}):
-        out.append("evaluator.fid.settings.features=clip")
-    if cfg.get("concepts"):
-        out += ["concepts=null", f"n_concepts={len(cfg.concepts)}"]
-    if "hazard_detector" in (cfg.get("evaluator") or {}):
-        selected = [e if e != "hazard_detector" else "nudenet" for e in cfg.evaluator]
-        out += [
-            f"evaluator=[{','.join(selected)}]",
-            "~evaluator.hazard_detector",
-            "+evaluator.nudenet.roles=[target]",
-        ]
     if cfg.get("attack"):
         out += SHRINK_ATTACKS
     return out

@@ -74,6 +74,18 @@ def judges(judge_specs: Any) -> tuple[Any, Any, int]:
     return clip, classifier, resolution
 
 
+@torch.no_grad()
+def vae_psnr(vae: Any, size: int, count: int = 512) -> float:
+    """PSNR (dB) of held-out renders through the VAE (posterior mean): what the generator can
+    draw at best. Stripes and dots are a few pixels wide, so this bounds the styles task."""
+    scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, hazard_rate=0.1)
+    pixels = to_pixels([render(s, seed, size) for s, seed in scenes], size)
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    as_bytes = [((x + 1) * 127.5).round() for x in (pixels, decoded)]
+    mse = float((as_bytes[0] - as_bytes[1]).pow(2).mean())
+    return 10 * float(np.log10(255.0**2 / mse))
+
+
 def judges_on_renders(
     clip: Any, classifier: Any, resolution: int, size: int, count: int = 1000
 ) -> dict[str, float]:
@@ -112,6 +124,7 @@ def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> di
     clip, classifier, resolution = judges(model.judges)
     size = model.resolution
     card: dict[str, Any] = {"sampler": engine.sampler.label}
+    card["vae_psnr_db"] = vae_psnr(model.pipe.vae, size)
     card.update(judges_on_renders(clip, classifier, resolution, size))
     objects, styles = load_task("objects", "mini"), load_task("styles", "mini")
 
@@ -233,6 +246,7 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
 
 # (card key, what it is, target as (">=" | "<=", bound) or None) in the order the card prints
 QUALITY_ROWS: list[tuple[str, str, tuple[str, float] | None]] = [
+    ("vae_psnr_db", "VAE reconstruction of held-out renders, PSNR (dB)", None),
     ("clip_renders_objects", "mini CLIP zero-shot, held-out renders, objects (%)", (">=", 95)),
     ("clip_renders_styles", "mini CLIP zero-shot, held-out renders, styles (%)", (">=", 90)),
     ("classifier_renders_objects", "classifier, held-out renders, objects (%)", None),

@@ -35,6 +35,7 @@ from fia_bench.tasks import world_vocabulary
 STAGES = ("data", "vae", "classifier", "clip", "generator", "export")
 TRAINED = ("vae", "classifier", "clip", "generator")
 RECONSTRUCTIONS = 10240  # training images the judges also see through the VAE
+NAMED = ("subject", "style")  # attributes the tasks ask the CLIP judge to name zero-shot
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -442,6 +443,10 @@ class Builder:
         std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
         w = world()
         templates = [*w["captions"], *w["judge_captions"]]
+        # the zero-shot prompts of the tasks the CLIP judges: one per subject and per style
+        classes = attribute_classes()
+        named = {k: tokenizer([f"a photo of a {c}" for c in classes[k]]) for k in NAMED}
+        named = {k: ids.to(self.device) for k, ids in named.items()}
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
@@ -461,7 +466,16 @@ class Builder:
             loss_t = (
                 -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
             )
-            return (loss_i + loss_t) / 2
+            # each image against every class prompt of a task (CLIP's zero-shot read-out):
+            # captions name the shape in few pairs of a batch, so shapes alone learn slowly
+            zero_shot = sum(
+                F.cross_entropy(
+                    model.logit_scale.exp() * image @ model.encode_text(ids, normalize=True).T,
+                    torch.from_numpy(self.data[k][idx.numpy()]).to(self.device),
+                )
+                for k, ids in named.items()
+            )
+            return (loss_i + loss_t) / 2 + cfg["zero_shot_weight"] * zero_shot
 
         if not loop.run(self.seed, loss_fn, self.limits):
             return False
