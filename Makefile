@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
 # `make run` compares UCE with the unedited model; `make run ARGS="method=none seeds=1"` overrides.
 RUN_ARGS := method=uce seeds=3
+comma := ,
 
 .PHONY: install run test bench lint clean mini-world mini-world-card results-mini
 
@@ -33,13 +34,15 @@ mini-world: $(STAMP)
 mini-world-card: $(STAMP)
 	$(PY) -m fia_bench.miniworld evaluate $(ARGS)
 
-# The five methods on the mini world (docs/results_mini.md): one sweep, merged into one report.
+# The five methods on the mini world (docs/results_mini.md), merged into one report. Runs are
+# cached, so it can be built a few methods at a time: make results-mini METHODS=fia,uce
 RESULTS_MINI := multirun/results_mini
+METHODS ?= fia,scapre,dynamic_mask,esd,uce
 results-mini: $(STAMP)
-	$(PY) -m fia_bench -m method=fia,scapre,dynamic_mask,esd,uce task=objects \
+	$(PY) -m fia_bench -m method=$(METHODS) task=objects \
 		'n_concepts=[1,5,10]' seeds=3 task.prompts.settings.per_concept=8 \
-		hydra.sweep.dir=$(RESULTS_MINI) $(ARGS)
-	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/ --out docs/results_mini \
+		hydra.sweep.dir=$(RESULTS_MINI)/$(subst $(comma),_,$(METHODS)) $(ARGS)
+	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/*/ --out docs/results_mini \
 		--markdown docs/results_mini.md
 
 bench: $(STAMP)

@@ -117,3 +117,18 @@ def test_shipped_judges_reproduce_the_model_card() -> None:
     for key, value in measured.items():
         assert value == pytest.approx(card[key], abs=0.3), key  # 0.3: two images
     assert card["clip_renders_objects"] >= 95 and card["clip_renders_styles"] >= 90
+
+
+def test_model_card_percentages_and_points_are_on_their_scale() -> None:
+    """Accuracies are percentages and drops are differences of percentages: all in [-100, 100]."""
+    card = json.loads((Path(__file__).parent.parent / "docs" / "mini_world_card.json").read_text())
+    scaled = {
+        key: value
+        for key, value in card.items()
+        if key.endswith(("_points", "_flagged", "_clip", "_classifier", "_agreement"))
+        or key.startswith(("clip_renders", "classifier_renders"))
+    }
+    scaled |= {f"drop {k}": v for k, v in card["uce_forget_drop_by_object"].items()}
+    assert len(scaled) >= 15
+    for key, value in scaled.items():
+        assert -100 <= value <= 100, key

@@ -78,4 +78,7 @@ def test_importing_the_core_imports_no_heavy_dependency() -> None:
 def test_every_attack_config_is_registered_and_vice_versa() -> None:
     from fia_bench.registry import ATTACKS
 
-    assert config_names("attack", None) == set(ATTACKS.names())
+    # all is the bundle of the three searching attacks (prompt_replay needs a user's file)
+    assert config_names("attack", None) - {"all"} == set(ATTACKS.names())
+    bundle = yaml.safe_load((CONF / "attack" / "all.yaml").read_text())["defaults"]
+    assert set(bundle) == set(ATTACKS.names()) - {"prompt_replay"}

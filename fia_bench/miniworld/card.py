@@ -226,10 +226,8 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
                 out_dir=str(Path(out) / concept),
             )
             rec = result.records
-            acc = (
-                rec[rec["metric"] == "accuracy"].groupby(["method", "concept"])["value"].mean()
-                * 100
-            )
+            # accuracy records are already percentages (100 per correctly classified image)
+            acc = rec[rec["metric"] == "accuracy"].groupby(["method", "concept"])["value"].mean()
             drop = acc["none"] - acc["uce"]
             forget.append(float(drop[concept]))
             others = drop.drop(concept)
@@ -307,7 +305,7 @@ def card_markdown(card: dict[str, Any], training: dict[str, Any]) -> str:
         )
     lines = [
         CARD_START,
-        f"Training (`make mini-world`, {training['torch_threads']} torch threads), minutes:",
+        "Training (`make mini-world`), minutes per stage, summed over resumed chunks:",
         "",
         markdown_table(["stage", "minutes", "device"], times),
         "",

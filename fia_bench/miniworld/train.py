@@ -577,7 +577,6 @@ class Builder:
         training = {
             "seconds": self._read("times.json", {}),
             "devices": self._read("devices.json", {}),
-            "torch_threads": torch.get_num_threads(),
             "recipe_sha256": hashlib.sha256(yaml.safe_dump(self.r).encode()).hexdigest(),
         }
         (target / "training.json").write_text(json.dumps(training, indent=1) + "\n", "utf-8")
