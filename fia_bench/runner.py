@@ -5,6 +5,7 @@ notebooks get the same results as the command line."""
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +90,9 @@ def resolve_splits(
 def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_probe"
-        probe.write_text("")
-        probe.unlink()
+        # a probe of its own: ranks of a sharded run check the same directory at once
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_probe"):
+            pass
     except OSError as err:
         raise FiaBenchError(f"out_dir={out_dir} is not writable: {err.strerror}") from err
 
