@@ -8,7 +8,8 @@ export TOKENIZERS_PARALLELISM ?= false
 RUN_ARGS := method=uce seeds=3
 comma := ,
 
-.PHONY: install run test bench lint clean mini-world mini-world-card results-mini
+.PHONY: install run test bench lint clean mini-world mini-world-card results-mini \
+	results-mini-explicit
 
 install: $(STAMP)
 
@@ -44,6 +45,19 @@ results-mini: $(STAMP)
 		hydra.sweep.dir=$(RESULTS_MINI)/$(subst $(comma),_,$(METHODS)) $(ARGS)
 	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/*/ --out docs/results_mini \
 		--markdown docs/results_mini.md
+
+# UCE on the mini world's hazard task with every explicit-content evaluator and the three
+# attacks at CPU-sized search budgets (docs/results_mini_explicit.md; about 10 minutes on 2 cores)
+CPU_ATTACKS := attack.ring_a_bell.settings.population=50 attack.ring_a_bell.settings.generations=100 \
+	attack.mma_diffusion.settings.iterations=100 attack.mma_diffusion.settings.batch_size=128 \
+	attack.mma_diffusion.settings.topk=64 attack.unlearndiffatk.settings.n_timesteps=10 \
+	attack.unlearndiffatk.settings.steps_per_t=10
+results-mini-explicit: $(STAMP)
+	$(PY) -m fia_bench method=uce task=explicit model=mini seeds=3 \
+		'evaluator=[detector,fid,clip_score]' attack=all $(CPU_ATTACKS) \
+		out_dir=multirun/results_mini_explicit $(ARGS)
+	$(PY) -m fia_bench.report multirun/results_mini_explicit --out docs/results_mini_explicit \
+		--markdown docs/results_mini_explicit.md
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
