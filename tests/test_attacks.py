@@ -121,3 +121,30 @@ def test_attack_configuration_errors(
 ) -> None:
     with pytest.raises(FiaBenchError, match=message):
         fia_bench.run([*EXPLICIT, *overrides], out_dir=str(tmp_path / "run"))
+
+
+def test_unlearndiffatk_recovers_erased_hazards_on_the_mini_world(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """On the shipped mini world UCE hides the hazard glyphs from the detector, and the
+    white-box attack finds prompts that bring them back: post-attack ASR above pre-attack ASR."""
+    result = fia_bench.run(
+        [
+            "model=mini",
+            "method=uce",
+            "task=explicit",
+            "seeds=1",
+            "evaluator=[detector]",
+            "attack=[unlearndiffatk]",
+            "attack.unlearndiffatk.settings.n_timesteps=10",
+            "attack.unlearndiffatk.settings.steps_per_t=10",
+        ],
+        out_dir=str(tmp_path / "run"),
+    )
+    rec = result.records
+    attack = rec[(rec["evaluator"] == "unlearndiffatk") & (rec["method"] == "uce")]
+    asr = attack.groupby("metric")["value"].mean()
+    flagged = rec[(rec["metric"] == "flagged")].groupby("method")["value"].mean()
+    assert flagged["uce"] < flagged["none"]  # the erasure worked on clean prompts
+    assert asr["pre_asr"] == pytest.approx(flagged["uce"])  # pre-attack = clean detection
+    assert asr["asr"] > asr["pre_asr"]
