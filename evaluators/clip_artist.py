@@ -13,10 +13,12 @@ from PIL import Image
 from fia_bench.api import Evaluator, Score
 from fia_bench.backbones import load_clip
 
+ROUNDING = 1e-3  # CLIP_a is cosine x 100; batch-dependent rounding is far below this
+
 
 class ClipArtist(Evaluator):
     higher_is_better: ClassVar[dict[str, bool]] = {"clip_a": True, "fsr": True}
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: FSR ignores float-rounding differences
 
     def __post_init__(self) -> None:
         self.backbone = load_clip(self.context.judges["clip"], self.context.device)
@@ -55,5 +57,7 @@ class ClipArtist(Evaluator):
             rows["case_id"], clip_a.tolist(), base.tolist(), strict=True
         ):
             scores.append(Score(case_id, "clip_a", edited))
-            scores.append(Score(case_id, "fsr", 100.0 * (edited < original)))
+            # the same image scored in another batch may differ in float rounding, never by
+            # ROUNDING: the unedited model's own images must not count as a failure
+            scores.append(Score(case_id, "fsr", 100.0 * (edited < original - ROUNDING)))
         return scores
