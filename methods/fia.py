@@ -1,6 +1,8 @@
 """FIA — Forget-It-All (Deng et al., arXiv 2601.06163): training-free masking of FFN2 connections
 (specs/methods.md §2). Only the weights of every ``…transformer_blocks.0.ff.net.2`` Linear change,
-and only to zero; biases are left alone.
+and only to zero; biases are left alone. ``layer`` moves the masking to another Linear of every
+block (FFN1, cross- or self-attention K or V): the paper's layer ablation (Tables 10 and 13),
+with the same saliency computed on that Linear's input (for cross-attention K/V, the text states).
 
 Per target concept ``c`` (its own r1 / r2, ``r1_overrides`` / ``r2_overrides``):
 
@@ -59,7 +61,16 @@ CFG_ROWS = ("both", "cond")
 GRANULARITIES = ("both", "row", "layer")
 DEGENERATE = ("naive", "keep_all")
 PLACEHOLDER_CHOICES = ("similarity", "listed")
-LAYER_SUFFIX = "ff.net.2"
+# Which Linear of every transformer block is masked (Tables 10/13 ablate it); the saliency is the
+# same for any Linear, computed on the input its forward-pre-hook sees. FFN1 is GEGLU's projection.
+LAYERS = {
+    "ffn2": "ff.net.2",
+    "ffn1": "ff.net.0.proj",
+    "attn2.to_k": "attn2.to_k",
+    "attn2.to_v": "attn2.to_v",
+    "attn1.to_k": "attn1.to_k",
+    "attn1.to_v": "attn1.to_v",
+}
 FLOAT_SLACK = 1e-9  # r·n and α·C are products of decimals: 0.7 · 10 = 7.000000000000001
 
 
@@ -219,6 +230,7 @@ class FIA(Method):
         degenerate_fusion: str = "naive",
         eps: float = 1e-8,
         batch_size: int | None = None,
+        layer: str = "ffn2",
         tasks: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         where = "method.settings"
@@ -228,6 +240,7 @@ class FIA(Method):
             ("granularity", granularity, GRANULARITIES),
             ("degenerate_fusion", degenerate_fusion, DEGENERATE),
             ("placeholder_choice", placeholder_choice, PLACEHOLDER_CHOICES),
+            ("layer", layer, tuple(LAYERS)),
         ):
             if value not in choices:
                 raise unknown_choice(f"FIA {kind}", value, choices, f"{where}.{kind}")
@@ -264,6 +277,7 @@ class FIA(Method):
         self.degenerate_fusion = degenerate_fusion
         self.eps = float(eps)
         self.batch_size = batch_size
+        self.layer = layer
         self.tasks = tasks or {}
 
     @staticmethod
@@ -355,27 +369,28 @@ class FIA(Method):
 
     # ---- the denoising pass ----------------------------------------------------------------------
     @staticmethod
-    def layers(unet: Any) -> dict[str, torch.nn.Linear]:
-        """Every FFN2 (``…ff.net.2``) Linear of the UNet, by module name."""
+    def layers(unet: Any, layer: str = "ffn2") -> dict[str, torch.nn.Linear]:
+        """The masked Linear (``layer``: FFN2 by default) of every transformer block, by name."""
+        suffix = LAYERS[layer]
         found = {
             name: module
             for name, module in unet.named_modules()
-            if name.endswith(LAYER_SUFFIX) and isinstance(module, torch.nn.Linear)
+            if name.endswith(f".{suffix}") and isinstance(module, torch.nn.Linear)
         }
         if not found:
-            raise FiaBenchError("FIA: the UNet has no '…ff.net.2' Linear layers to mask")
-        if any(getattr(m, "_chunk_size", None) for m in unet.modules()):
-            raise FiaBenchError("FIA: disable feed-forward chunking; it splits the FFN2 input")
+            raise FiaBenchError(f"FIA: the UNet has no '…{suffix}' Linear layers to mask")
+        if layer.startswith("ffn") and any(getattr(m, "_chunk_size", None) for m in unet.modules()):
+            raise FiaBenchError("FIA: disable feed-forward chunking; it splits the FFN input")
         return dict(sorted(found.items()))
 
     @torch.no_grad()
     def collect(
         self, engine: Any, prompts: list[str], squares: bool, seed: int
     ) -> dict[str, RunningSums]:
-        """Running sums of the per-prompt saliency over ``prompts`` for every FFN2 layer and each
+        """Running sums of the per-prompt saliency over ``prompts`` for every masked layer and each
         of the first T steps; activations are reduced in the hook and never kept."""
         unet = engine.pipe.unet
-        layers = self.layers(unet)
+        layers = self.layers(unet, self.layer)
         steps = self.saliency_steps
         sums: dict[str, RunningSums] = {}
         for name, module in layers.items():
@@ -443,10 +458,10 @@ class FIA(Method):
     def step_saliency(
         self, engine: Any, concept_prompts: list[str], base_prompts: list[str], seed: int = 1244
     ) -> dict[str, torch.Tensor]:
-        """S_{ℓ,t} for every FFN2 layer (tests and analysis; ``erase`` goes layer by layer)."""
+        """S_{ℓ,t} for every masked layer (tests and analysis; ``erase`` goes layer by layer)."""
         concept = self.collect(engine, concept_prompts, squares=False, seed=seed)
         base = self.collect(engine, base_prompts, squares=True, seed=seed)
-        layers = self.layers(engine.pipe.unet)
+        layers = self.layers(engine.pipe.unet, self.layer)
         return {n: self.saliency(concept[n], base[n], m.weight) for n, m in layers.items()}
 
     # ---- masks -----------------------------------------------------------------------------------
@@ -471,7 +486,7 @@ class FIA(Method):
         engine = request.engine
         spec = self.task_prompts(request.task.name, request.task.world)
         seed = request.seed if self.noise_seed is None else int(self.noise_seed)
-        layers = self.layers(engine.pipe.unet)
+        layers = self.layers(engine.pipe.unet, self.layer)
         targets = list(dict.fromkeys(request.targets))
         counts = {
             n: torch.zeros(m.weight.shape, dtype=torch.int32, device=m.weight.device)
@@ -512,7 +527,7 @@ class FIA(Method):
         counts = selection.counts
         prune = {name: fuse(c, n, alpha, self.degenerate_fusion) for name, c in counts.items()}
         pruned = sum(int(p.sum()) for p in prune.values())
-        ffn2 = sum(c.numel() for c in counts.values())
+        masked_layer = sum(c.numel() for c in counts.values())
         unet_size = sum(p.numel() for p in unet.parameters())
         info = {
             "variant": self.variant,
@@ -526,9 +541,10 @@ class FIA(Method):
             if naive
             else sum(int((c >= max(tau, 1)).sum()) for c in counts.values()),
             "pruned_connections": pruned,
-            "ffn2_weights": ffn2,
+            "layer": self.layer,
+            "layer_weights": masked_layer,
             "unet_parameters": unet_size,
-            "sparsity_ffn2": pruned / ffn2,
+            "sparsity_layer": pruned / masked_layer,
             "sparsity_unet": pruned / unet_size,
             "layers": len(counts),
             "pruned_per_layer": {name: int(p.sum()) for name, p in prune.items()},
@@ -540,14 +556,14 @@ class FIA(Method):
         return prune, info
 
     def plan(self, request: EraseRequest) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The fused prune mask per FFN2 layer and the info dict, without touching the weights."""
+        """The fused prune mask per masked layer and the info dict, without touching the weights."""
         return self.fuse_selection(self.select_concepts(request), request.engine.pipe.unet)
 
     @torch.no_grad()
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         if not request.targets:
-            return {"pruned_connections": 0, "sparsity_ffn2": 0.0, "sparsity_unet": 0.0}
+            return {"pruned_connections": 0, "sparsity_layer": 0.0, "sparsity_unet": 0.0}
         prune, info = self.plan(request)
-        for name, module in self.layers(request.engine.pipe.unet).items():
+        for name, module in self.layers(request.engine.pipe.unet, self.layer).items():
             module.weight.masked_fill_(prune[name].to(module.weight.device), 0)
         return info

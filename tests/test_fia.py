@@ -1,6 +1,6 @@
-"""FIA: only ff.net.2 weights change, to zero, exactly on the fused mask; Eq. 8's threshold and the
-single-concept rule; running sums equal the saliency computed from stored activations; the
-selection helpers; determinism; and a harness run end to end."""
+"""FIA: only ff.net.2 weights (or the Linear ``layer`` names) change, to zero, exactly on the fused
+mask; Eq. 8's threshold and the single-concept rule; running sums equal the saliency computed from
+stored activations; the selection helpers; determinism; and a harness run end to end."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from fia_bench.errors import FiaBenchError
 from fia_bench.tasks import load_task
 from methods.fia import (
     FIA,
+    LAYERS,
     agnostic_threshold,
     fuse,
     select,
@@ -57,8 +58,8 @@ def request(engine, targets, seed: int = 0, task=TASK) -> EraseRequest:
     return EraseRequest(tuple(targets), retain, seed, task, engine, no_base_images)
 
 
-def ffn2_names(engine) -> list[str]:
-    return [f"unet.{n}.weight" for n in FIA.layers(engine.pipe.unet)]
+def weight_names(engine, layer: str = "ffn2") -> list[str]:
+    return [f"unet.{n}.weight" for n in FIA.layers(engine.pipe.unet, layer)]
 
 
 def eq8(masks: list[dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
@@ -95,7 +96,7 @@ def test_only_ffn2_weights_change_exactly_on_the_fused_mask(variant: str) -> Non
     info = method.erase(req)
     delta, non_finite = artifacts.extract(engine.pipe, base)
     assert not non_finite
-    assert delta.changed == sorted(ffn2_names(engine))  # every FFN2 weight, no bias, nothing else
+    assert delta.changed == sorted(weight_names(engine))  # every FFN2 weight, no bias, nothing else
     assert set(delta.tensors) == {artifacts.ZERO + n for n in delta.changed}  # zeroing only
     for name, prune in expected.items():
         full = f"unet.{name}.weight"
@@ -103,15 +104,35 @@ def test_only_ffn2_weights_change_exactly_on_the_fused_mask(variant: str) -> Non
         assert torch.equal(delta.tensors[artifacts.ZERO + full], prune & (base[full] != 0))
 
     pruned = sum(int(p.sum()) for p in expected.values())
-    ffn2 = sum(base[n].numel() for n in ffn2_names(engine))
+    ffn2 = sum(base[n].numel() for n in weight_names(engine))
     unet = sum(t.numel() for n, t in base.items() if n.startswith("unet."))
     assert info["fusion"] == "eq8" and info["agnostic_threshold"] == 2
     assert info["pruned_connections"] == pruned == sum(delta.changed_counts(base).values())
-    assert info["ffn2_weights"] == ffn2 == 28672
-    assert info["sparsity_ffn2"] == pytest.approx(pruned / ffn2)
+    assert info["layer"] == "ffn2" and info["layer_weights"] == ffn2 == 28672
+    assert info["sparsity_layer"] == pytest.approx(pruned / ffn2)
     assert info["sparsity_unet"] == pytest.approx(pruned / unet)
     assert info["agnostic_kept"] > 0  # three overlapping selections leave shared connections
     assert info["selected_any"] == pruned + info["agnostic_kept"]
+
+
+@pytest.mark.parametrize("layer", [name for name in LAYERS if name != "ffn2"])
+def test_the_layer_switch_masks_that_linear_of_every_block_and_nothing_else(layer: str) -> None:
+    engine = tiny_engine()
+    base = artifacts.snapshot(engine.pipe)
+    info = fia(layer=layer, r2=0.05).erase(request(engine, TASK.concepts[:3]))
+    delta, _ = artifacts.extract(engine.pipe, base)
+    names = weight_names(engine, layer)
+    assert len(names) == 4 and all(LAYERS[layer] in n for n in names)
+    assert delta.changed == sorted(names)
+    assert set(delta.tensors) == {artifacts.ZERO + n for n in delta.changed}  # zeroing only
+    assert info["layer"] == layer and info["layers"] == 4
+    assert info["layer_weights"] == sum(base[n].numel() for n in names)
+    assert info["pruned_connections"] == sum(delta.changed_counts(base).values()) > 0
+
+
+def test_an_unknown_layer_is_refused_with_the_choices() -> None:
+    with pytest.raises(FiaBenchError, match=r"attn2\.to_v"):
+        fia(layer="ffn3")
 
 
 def test_empty_targets_change_nothing() -> None:
@@ -180,10 +201,10 @@ def test_single_concept_prunes_its_whole_selection() -> None:
 
 
 # ---- saliency ----------------------------------------------------------------------------------
-def stored_activations(engine, prompts, steps, stop_after):
-    """Input of every ff.net.2 at each of the first T steps, one prompt at a time: {layer: [T][P]}
-    of (2·tokens, C_in) with the unconditional and conditional rows."""
-    layers = FIA.layers(engine.pipe.unet)
+def stored_activations(engine, prompts, steps, stop_after, layer="ffn2"):
+    """Input of every masked Linear at each of the first T steps, one prompt at a time:
+    {layer: [T][P]} of (2·tokens, C_in) with the unconditional and conditional rows."""
+    layers = FIA.layers(engine.pipe.unet, layer)
     store = {n: [[] for _ in range(stop_after)] for n in layers}
     step = {"t": -1}
     handles = [engine.pipe.unet.register_forward_pre_hook(lambda *_: step.update(t=step["t"] + 1))]
@@ -221,28 +242,42 @@ def direct_u(x: torch.Tensor, w: torch.Tensor, variant: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("variant", "rows"), [("code", "both"), ("paper", "both"), ("paper", "cond")]
+    ("variant", "rows", "layer"),
+    [
+        ("code", "both", "ffn2"),
+        ("paper", "both", "ffn2"),
+        ("paper", "cond", "ffn2"),
+        ("code", "both", "attn2.to_k"),  # the input is the text states, not the image tokens
+        ("paper", "both", "ffn1"),
+    ],
 )
-def test_running_sums_equal_saliency_from_stored_activations(variant: str, rows: str) -> None:
+def test_running_sums_equal_saliency_from_stored_activations(
+    variant: str, rows: str, layer: str
+) -> None:
     engine = tiny_engine()
     steps, t_steps = 4, 2
     # one prompt per pass, as the activations below are stored: CPU convolutions round
     # differently at other batch sizes, and the std's cancellation would magnify that
     method = fia(
-        variant=variant, inference_steps=steps, saliency_steps=t_steps, batch_size=1, cfg_rows=rows
+        variant=variant,
+        inference_steps=steps,
+        saliency_steps=t_steps,
+        batch_size=1,
+        cfg_rows=rows,
+        layer=layer,
     )
     concept_prompts = ["a tench in a road", "a tench near the lake", "a tench in a park"]
     base_prompts = ["a road", "a lake", "a park"]
     got = method.step_saliency(engine, concept_prompts, base_prompts, seed=1244)
 
-    concept_x = stored_activations(engine, concept_prompts, steps, t_steps)
-    base_x = stored_activations(engine, base_prompts, steps, t_steps)
+    concept_x = stored_activations(engine, concept_prompts, steps, t_steps, layer)
+    base_x = stored_activations(engine, base_prompts, steps, t_steps, layer)
     if rows == "cond":  # stored rows are [uncond tokens, cond tokens]: keep the second half
         for store in (concept_x, base_x):
             for per_step in store.values():
                 for xs in per_step:
                     xs[:] = [x[x.shape[0] // 2 :] for x in xs]
-    for name, module in FIA.layers(engine.pipe.unet).items():
+    for name, module in FIA.layers(engine.pipe.unet, layer).items():
         w = module.weight.detach().float()
         expected = []
         for t in range(t_steps):
@@ -378,7 +413,7 @@ def test_runs_in_the_harness_end_to_end(tmp_path: Path, cache_dir: Path) -> None
         assert info["concepts"] == n and info["pruned_connections"] > 0
         assert runs.loc[n, "changed_entries"] == info["pruned_connections"]
         assert runs.loc[n, "changed_tensors"] == info["layers"] == 4
-        assert 0 < info["sparsity_unet"] < info["sparsity_ffn2"] < 1
+        assert 0 < info["sparsity_unet"] < info["sparsity_layer"] < 1
         assert info["per_concept"]["tench"]["r2"] == 0.007
     assert json.loads(runs.loc[2, "info"])["per_concept"]["english springer"]["r2"] == 0.05
     assert {"fia", "none"} == set(result.records["method"])

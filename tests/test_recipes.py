@@ -145,13 +145,8 @@ def test_every_sweep_job_composes_and_fills_a_row(name: str) -> None:
         assert hits, f"{name}: job {overrides} gives no row of the report"
         filled.update(hits)
         filled.update(i for i, r in enumerate(rows) if r["method"] == str(job.reference))
-    for i, row in enumerate(rows):
-        if i in filled:
-            continue
-        # only a row naming a switch the method does not have yet may stay empty (ablation_layer)
-        method = compose_with_hydra([f"method={row['method']}"]).method
-        missing = set(row.get("settings") or {}) - set(method.get("settings") or {})
-        assert missing, f"{name}: no job of the sweep fills row {row}"
+    empty = [row for i, row in enumerate(rows) if i not in filled]
+    assert not empty, f"{name}: no job of the sweep fills these rows: {empty}"
 
 
 @pytest.mark.parametrize("name", SD_RECIPES)
