@@ -9,7 +9,7 @@ RUN_ARGS := method=uce seeds=3
 comma := ,
 
 .PHONY: install run test bench lint clean mini-world mini-world-card results-mini \
-	results-mini-explicit
+	results-mini-explicit comparisons-mini
 
 install: $(STAMP)
 
@@ -48,16 +48,22 @@ results-mini: $(STAMP)
 
 # UCE on the mini world's hazard task with every explicit-content evaluator and the three
 # attacks at CPU-sized search budgets (docs/results_mini_explicit.md; about 10 minutes on 2 cores)
-CPU_ATTACKS := attack.ring_a_bell.settings.population=50 attack.ring_a_bell.settings.generations=100 \
-	attack.mma_diffusion.settings.iterations=100 attack.mma_diffusion.settings.batch_size=128 \
-	attack.mma_diffusion.settings.topk=64 attack.unlearndiffatk.settings.n_timesteps=10 \
-	attack.unlearndiffatk.settings.steps_per_t=10
+# (the attack budgets of experiments/mini_cpu_budgets.yaml, read when the recipe runs)
+CPU_ATTACKS = $(shell $(PY) -c "import yaml; \
+	print(' '.join(yaml.safe_load(open('experiments/mini_cpu_budgets.yaml'))['attacks']))")
 results-mini-explicit: $(STAMP)
 	$(PY) -m fia_bench method=uce task=explicit model=mini seeds=3 \
 		'evaluator=[detector,fid,clip_score]' attack=all $(CPU_ATTACKS) \
 		out_dir=multirun/results_mini_explicit $(ARGS)
 	$(PY) -m fia_bench.report multirun/results_mini_explicit --out docs/results_mini_explicit \
 		--markdown docs/results_mini_explicit.md
+
+# Every paper-table recipe's mini analogue at full mini size, its comparison report written to
+# docs/comparisons/mini/ (methods and attacks at the CPU budgets of
+# experiments/mini_cpu_budgets.yaml); one recipe at a time: make comparisons-mini RECIPES=fia/table1
+RECIPES ?=
+comparisons-mini: $(STAMP)
+	$(PY) experiments/mini_comparisons.py $(RECIPES)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

@@ -447,8 +447,13 @@ def notes_of(runs: list[Run], recipe: dict[str, Any], paper: pd.DataFrame) -> li
     paper_models = sorted(paper["model"].unique())
     ours_label = SD_VERSIONS.get(ours_model)
     if ours_label is None or any(not m.startswith(ours_label) for m in paper_models):
+        stated = " / ".join(paper_models)
+        theirs = f"on {stated}"
+        if all(m.startswith("not stated") for m in paper_models):
+            hints = " / ".join(m for m in paper_models if m != "not stated")
+            theirs = "on a model the paper does not state" + (f" ({hints})" if hints else "")
         notes.append(
-            f"The paper's numbers are on {' / '.join(paper_models)}; ours are on `{ours_model}`: "
+            f"The paper's numbers are {theirs}; ours are on `{ours_model}`: "
             "compare trends (orderings, rank agreement), not values."
         )
     notes += [str(n) for n in recipe.get("notes") or []]

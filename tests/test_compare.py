@@ -24,6 +24,7 @@ from fia_bench.compare import (
     load_paper,
     main,
     mean_rank,
+    notes_of,
     sections,
 )
 from fia_bench.composite import fia_overall
@@ -324,6 +325,26 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     assert "a protocol note" in report
     assert "ours are on `tiny_random`: compare trends" in report
     assert "| FIA | Belly | 1.00 (1) | 2 | -1 |" in report
+
+
+@pytest.mark.parametrize(
+    ("models", "said"),
+    [
+        (["SD v1.4"], "are on SD v1.4; ours"),
+        (["not stated"], "are on a model the paper does not state; ours"),
+        (
+            ["not stated; likely SD v1.4 [I]"],
+            "does not state (not stated; likely SD v1.4 [I]); ours",
+        ),
+    ],
+)
+def test_the_note_names_the_paper_model_or_says_it_is_not_stated(
+    tmp_path: Path, models: list[str], said: str
+) -> None:
+    quality = [record("none", 0, "clip_score", "clip_score", 30.0, role="quality")]
+    run = fake_run(tmp_path / "run", RECIPE, "fia", [*quality, *detections("fia", 0, [1], [0])])
+    notes = notes_of(find_runs([run]), RECIPE, pd.DataFrame({"model": models}))
+    assert any(said in note for note in notes), notes
 
 
 def test_ambiguous_rows_and_foreign_runs_are_one_line_errors(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ shipped mini world, with its own judges, and yields its comparison report."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 import fia_bench
@@ -147,6 +149,34 @@ def test_every_sweep_job_composes_and_fills_a_row(name: str) -> None:
         filled.update(i for i, r in enumerate(rows) if r["method"] == str(job.reference))
     empty = [row for i, row in enumerate(rows) if i not in filled]
     assert not empty, f"{name}: no job of the sweep fills these rows: {empty}"
+
+
+def mini_comparisons():
+    path = CONF.parent.parent / "experiments" / "mini_comparisons.py"
+    spec = importlib.util.spec_from_file_location("mini_comparisons", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", MINI_RECIPES)
+def test_the_cpu_budgets_of_the_mini_comparisons_apply_to_every_job(name: str) -> None:
+    """make comparisons-mini adds mini_cpu_budgets.yaml's overrides to the jobs they name: each
+    composes, takes effect, and leaves the job's method as the sweep made it."""
+    script = mini_comparisons()
+    budgets = yaml.safe_load(script.BUDGETS.read_text())
+    assert name.removeprefix("mini/") in script.all_recipes()
+    for overrides in sweep_jobs([f"experiment={name}"]):
+        cfg = compose_with_hydra(overrides)
+        extra = script.budget_overrides(cfg, budgets)
+        assert bool(extra) == (
+            str(cfg.method.name) in budgets["methods"] or bool(cfg.get("attack"))
+        )
+        job = compose_with_hydra([*overrides, *extra])
+        assert job.method.name == cfg.method.name
+        for override in extra:
+            key, value = override.split("=", 1)
+            assert str(OmegaConf.select(job, key)) == value, (name, override)
 
 
 @pytest.mark.parametrize("name", SD_RECIPES)
