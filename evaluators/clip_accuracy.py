@@ -40,9 +40,8 @@ class ClipAccuracy(Evaluator):
         }
 
     def protocol(self) -> str:
-        judge = self.context.judges["clip"]
         return (
-            f"clip={judge.get('arch')}/{judge.get('pretrained')}, "
+            f"clip={self.backbone.label}, "
             f"classes={len(self.classes)}, templates={len(self.templates)}"
         )
 

@@ -28,8 +28,7 @@ class ClipArtist(Evaluator):
         return {"settings": self.settings, "judge": self.backbone.fingerprint}
 
     def protocol(self) -> str:
-        judge = self.context.judges["clip"]
-        return f"clip={judge.get('arch')}/{judge.get('pretrained')} vs the bare concept name"
+        return f"clip={self.backbone.label} vs the bare concept name"
 
     def reset(self) -> None:
         self._rows: list[pd.DataFrame] = []

@@ -25,8 +25,7 @@ class ClipScore(Evaluator):
         return {"settings": self.settings, "judge": self.backbone.fingerprint}
 
     def protocol(self) -> str:
-        judge = self.context.judges["clip"]
-        return f"clip={judge.get('arch')}/{judge.get('pretrained')}, cos x 100 clipped at 0"
+        return f"clip={self.backbone.label}, cos x 100 clipped at 0"
 
     def reset(self) -> None:
         self._scores: list[Score] = []

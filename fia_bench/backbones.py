@@ -4,6 +4,7 @@ memoised per image key, so CLIP accuracy and CLIP score on one image set embed e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class ClipBackbone:
     tokenizer: Any
     fingerprint: str
     device: torch.device
+    label: str  # what protocols print: where the judge came from and which weights it has
     _image_features: dict[str, torch.Tensor] = field(default_factory=dict)
     _text_features: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -85,5 +87,23 @@ def load_clip(spec: dict[str, Any], device: str) -> ClipBackbone:
         )
     model.eval().to(device)
     fingerprint = hash_tensors(sorted(model.state_dict().items()))
-    _LOADED[key] = ClipBackbone(model, preprocess, tokenizer, fingerprint, torch.device(device))
+    label = judge_label(spec, fingerprint)
+    _LOADED[key] = ClipBackbone(
+        model, preprocess, tokenizer, fingerprint, torch.device(device), label
+    )
     return _LOADED[key]
+
+
+def judge_label(spec: dict[str, Any], fingerprint: str) -> str:
+    """Reports name a judge by its source and its weights' hash, so that reports measured with
+    different weights of one judge (a retrained mini world) say so."""
+    arch = str(spec.get("arch", ""))
+    if arch == "tiny_random":
+        source = f"tiny_random seed {spec.get('seed', 0)}"
+    elif arch.startswith("local-dir:"):
+        folder = Path(arch.removeprefix("local-dir:")).resolve()
+        here = Path.cwd()
+        source = f"local-dir:{folder.relative_to(here) if folder.is_relative_to(here) else folder}"
+    else:
+        source = f"{arch}/{spec['pretrained']}" if spec.get("pretrained") else arch
+    return f"{source} (weights {fingerprint[:12]})"

@@ -342,7 +342,10 @@ def write_report(
     alpha: float,
     grid_prompts: int,
     reference: str = "none",
+    weights: list[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``weights``: the fingerprints of the models the runs loaded, printed under the title so
+    that a report tells which build of a model (the mini world is retrained) it measured."""
     check_complete(records, runs)
     summary = stats.summarize(records)
     tests = stats.wilcoxon_tests(records, reference=reference, alpha=alpha)
@@ -358,6 +361,8 @@ def write_report(
     md += [
         f"model `{r.model}` · task `{r.task}` · sampler `{r.sampler}`" for r in meta.itertuples()
     ]
+    if weights:
+        md += ["", "model weights " + ", ".join(f"`{w[:12]}`" for w in sorted(set(weights)))]
     protocols = records[["evaluator", "protocol"]].drop_duplicates()
     md += ["", *(f"- `{r.evaluator}`: {r.protocol}" for r in protocols.itertuples()), ""]
     tex = []
@@ -430,6 +435,7 @@ def write_run(
         float(cfg.report.alpha),
         int(cfg.report.grid_prompts),
         str(cfg.reference),
+        [inputs["model_weights"]],
     )
     if details:
         lines = [json.dumps(d, sort_keys=True, default=str) for d in details]
@@ -453,10 +459,12 @@ def write_run(
 
 
 # ---- merging -------------------------------------------------------------------------------
-def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache], dict]:
+def load_runs(
+    dirs: list[Path],
+) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache], dict, list[str]]:
     """Concatenate run directories; rows measured by several runs (the shared reference) must
-    agree exactly and are kept once."""
-    records, runs, caches, configs = [], [], [], {}
+    agree exactly and are kept once. Also returns each run's configuration and model weights."""
+    records, runs, caches, configs, weights = [], [], [], {}, []
     for d in dirs:
         for name in ("records.csv", "runs.csv", "manifest.json"):
             if not (d / name).is_file():
@@ -473,6 +481,7 @@ def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache]
         manifest = read_json(d / "manifest.json")
         caches.append(Cache(manifest["config"]["cache_dir"]))
         configs[str(d)] = manifest["config"]
+        weights.append(manifest["inputs"]["model_weights"])
     merged = pd.concat(records, ignore_index=True)[RECORD_COLUMNS]
     merged["image_key"] = merged["image_key"].fillna("")
     key = [c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key")]
@@ -486,7 +495,7 @@ def load_runs(dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache]
             "runs of the same model, task, sampler and protocol"
         )
     all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
-    return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs
+    return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,12 +516,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        records, runs, caches, configs = load_runs(args.runs)
+        records, runs, caches, configs, weights = load_runs(args.runs)
         records = records.sort_values(
             ["method", "n_concepts", "seed", "evaluator", "metric", "prompt_id"], kind="mergesort"
         ).reset_index(drop=True)
         runs = runs.sort_values(JOB_KEYS, kind="mergesort").reset_index(drop=True)
-        write_report(args.out, records, runs, caches, args.alpha, args.grid_prompts, args.reference)
+        write_report(
+            args.out,
+            records,
+            runs,
+            caches,
+            args.alpha,
+            args.grid_prompts,
+            args.reference,
+            weights,
+        )
         write_json(
             args.out / "manifest.json",
             {"merged_runs": configs, "versions": versions(), "git": git_state()},

@@ -33,6 +33,10 @@ Per target concept ``c`` (its own r1 / r2, ``r1_overrides`` / ``r2_overrides``):
    ``degenerate_fusion=naive`` (default, the spec's fix) then prunes every selected connection,
    ``keep_all`` reproduces the no-op.
 
+``selection=random`` is a control the paper does not run: each layer loses as many connections as
+the saliency selection would prune there, drawn uniformly with the erasure seed. An erasure that
+a random mask of the same size also achieves is not the saliency's doing.
+
 Variants (§2.5, §6): ``code`` (default) = Wanda saliency on row-normalised activations,
 max-normalised Eq. 3, every placeholder, counts ``max(1, ⌊r·n⌋)``; ``paper`` = Eq. 1 with the
 cosine term, Eq. 3 as printed, the 5 placeholders whose text embedding (EOS state) is closest to
@@ -61,6 +65,7 @@ CFG_ROWS = ("both", "cond")
 GRANULARITIES = ("both", "row", "layer")
 DEGENERATE = ("naive", "keep_all")
 PLACEHOLDER_CHOICES = ("similarity", "listed")
+SELECTIONS = ("saliency", "random")
 # Which Linear of every transformer block is masked (Tables 10/13 ablate it); the saliency is the
 # same for any Linear, computed on the input its forward-pre-hook sees. FFN1 is GEGLU's projection.
 LAYERS = {
@@ -132,6 +137,19 @@ def select(scores: torch.Tensor, r2: float, granularity: str, positive: bool, ro
     if positive:
         mask &= scores > 0
     return mask
+
+
+def random_masks(like: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Per layer, as many True entries as ``like`` has, at uniform positions drawn on the CPU
+    (the same on every device) from ``seed``; layers are drawn in name order."""
+    g = torch.Generator().manual_seed(int(seed))
+    drawn = {}
+    for name in sorted(like):
+        mask = like[name]
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[torch.randperm(mask.numel(), generator=g)[: int(mask.sum())]] = True
+        drawn[name] = flat.view(mask.shape).to(mask.device)
+    return drawn
 
 
 def energy_saliency(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -231,6 +249,7 @@ class FIA(Method):
         eps: float = 1e-8,
         batch_size: int | None = None,
         layer: str = "ffn2",
+        selection: str = "saliency",
         tasks: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         where = "method.settings"
@@ -241,6 +260,7 @@ class FIA(Method):
             ("degenerate_fusion", degenerate_fusion, DEGENERATE),
             ("placeholder_choice", placeholder_choice, PLACEHOLDER_CHOICES),
             ("layer", layer, tuple(LAYERS)),
+            ("selection", selection, SELECTIONS),
         ):
             if value not in choices:
                 raise unknown_choice(f"FIA {kind}", value, choices, f"{where}.{kind}")
@@ -278,6 +298,7 @@ class FIA(Method):
         self.eps = float(eps)
         self.batch_size = batch_size
         self.layer = layer
+        self.selection = selection
         self.tasks = tasks or {}
 
     @staticmethod
@@ -557,7 +578,14 @@ class FIA(Method):
 
     def plan(self, request: EraseRequest) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The fused prune mask per masked layer and the info dict, without touching the weights."""
-        return self.fuse_selection(self.select_concepts(request), request.engine.pipe.unet)
+        prune, info = self.fuse_selection(self.select_concepts(request), request.engine.pipe.unet)
+        info["selection"] = self.selection
+        if self.selection == "random":
+            drawn = random_masks(prune, request.seed)
+            kept = sum(int((drawn[n] & prune[n]).sum()) for n in prune)
+            info["random_overlap_with_saliency"] = kept / max(info["pruned_connections"], 1)
+            prune = drawn
+        return prune, info
 
     @torch.no_grad()
     def erase(self, request: EraseRequest) -> dict[str, Any]:

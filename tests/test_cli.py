@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
     assert len(records) == 2 * 2 * 20 * 2
     assert set(records["role"]) == {"target", "retain"}
     assert records["protocol"].str.len().min() > 0
+    # the report names the judge's and the model's weights: a retrained model shows in it
+    report = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
+    weights = json.loads((tmp_path / "a" / "manifest.json").read_text())["inputs"]
+    assert f"model weights `{weights['model_weights'][:12]}`" in report
+    assert re.search(r"clip=tiny_random seed \d+ \(weights [0-9a-f]{12}\)", report)
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
     assert set(summary["n_seeds"]) == {2}
     assert "Avg forget" in first.stdout
@@ -55,6 +61,7 @@ def test_multirun_and_report_merge(tmp_path: Path) -> None:
     merged = tmp_path / "merged"
     proc = cli([*map(str, runs), "--out", str(merged)], cache, tmp_path, module="fia_bench.report")
     assert "uce vs none" in proc.stdout
+    assert "model weights `" in (merged / "report.md").read_text(encoding="utf-8")
     summary = pd.read_csv(merged / "summary.csv")
     assert sorted(summary["n_concepts"].unique()) == [1, 2]
     assert set(summary["method"]) == {"none", "uce"}

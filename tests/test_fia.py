@@ -130,6 +130,30 @@ def test_the_layer_switch_masks_that_linear_of_every_block_and_nothing_else(laye
     assert info["pruned_connections"] == sum(delta.changed_counts(base).values()) > 0
 
 
+def test_the_random_control_prunes_as_many_connections_per_layer_elsewhere() -> None:
+    engine = tiny_engine()
+    targets = TASK.concepts[:3]
+    saliency, _ = fia(r2=0.05).plan(request(engine, targets, seed=5))
+    drawn, info = fia(r2=0.05, selection="random").plan(request(engine, targets, seed=5))
+    again, _ = fia(r2=0.05, selection="random").plan(request(engine, targets, seed=5))
+    other, _ = fia(r2=0.05, selection="random").plan(request(engine, targets, seed=6))
+    assert info["selection"] == "random" and set(drawn) == set(saliency)
+    for name, mask in saliency.items():
+        assert mask.sum() > 0 and int(drawn[name].sum()) == int(mask.sum())
+        assert torch.equal(drawn[name], again[name])  # the erasure seed fixes the draw
+    assert any(not torch.equal(drawn[n], other[n]) for n in drawn)
+    assert any(not torch.equal(drawn[n], saliency[n]) for n in drawn)
+    overlap = sum(int((drawn[n] & saliency[n]).sum()) for n in drawn)
+    assert info["random_overlap_with_saliency"] == overlap / info["pruned_connections"] < 0.5
+
+    base = artifacts.snapshot(engine.pipe)
+    fia(r2=0.05, selection="random").erase(request(engine, targets, seed=5))
+    delta, _ = artifacts.extract(engine.pipe, base)
+    for name, mask in drawn.items():  # the drawn mask is what erase zeroes
+        full = f"unet.{name}.weight"
+        assert torch.equal(delta.tensors[artifacts.ZERO + full], mask & (base[full] != 0))
+
+
 def test_an_unknown_layer_is_refused_with_the_choices() -> None:
     with pytest.raises(FiaBenchError, match=r"attn2\.to_v"):
         fia(layer="ffn3")

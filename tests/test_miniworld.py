@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
-from fia_bench.miniworld.train import TRAINED, Builder, recipe
+from fia_bench.miniworld.train import TRAINED, Builder, lr_scale, recipe
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
 
@@ -103,6 +103,40 @@ def test_training_resumed_in_chunks_equals_uninterrupted(
     for component in ("unet", "text_encoder"):
         for name, tensor in whole[component].items():
             assert torch.equal(tensor, parts[component][name]), (component, name)
+
+
+def test_learning_rate_cycles_restart_without_changing_earlier_steps() -> None:
+    one = [lr_scale(k, [6], warmup=2) for k in range(6)]
+    two = [lr_scale(k, [6, 4], warmup=2) for k in range(10)]
+    assert two[:6] == one
+    assert one[0] == pytest.approx(0.5) and one[-1] < 0.2
+    assert two[6:] == [lr_scale(k, [4]) for k in range(4)]  # a restart, without the warm-up
+    assert two[6] == 1.0
+    with pytest.raises(ValueError, match="past the schedule"):
+        lr_scale(10, [6, 4])
+
+
+def test_a_finished_build_resumes_into_an_added_cycle(toy_world: tuple[Path, Path, Path]) -> None:
+    """How the shipped generator got its second cycle: the finished build, resumed with a longer
+    recipe, ends with the weights of a from-scratch build of that recipe."""
+    root, path, _ = toy_world
+    longer = recipe(path)
+    longer["generator"]["steps"] = [3, 2]
+    longer_path = root / "longer.yaml"
+    longer_path.write_text(yaml.safe_dump(longer), encoding="utf-8")
+    shared = ("data.npz", "latents.pt", "vae.pt", "recon.npz")  # upstream of the generator
+    finished, fresh = root / "resumed", root / "fresh"
+    for build, extra in ((finished, ("generator.state.pt",)), (fresh, ())):
+        build.mkdir()
+        for name in (*shared, *extra):
+            (build / name).write_bytes((root / "build" / name).read_bytes())
+        (build / "done.json").write_text('["data", "vae"]')
+        assert Builder(build, out=root / "unused", recipe_path=longer_path).run(["generator"])
+    assert torch.load(finished / "generator.state.pt", weights_only=False)["step"] == 5
+    resumed, scratch = torch.load(finished / "generator.pt"), torch.load(fresh / "generator.pt")
+    for component in ("unet", "text_encoder"):
+        for name, tensor in scratch[component].items():
+            assert torch.equal(tensor, resumed[component][name]), (component, name)
 
 
 def test_shipped_judges_reproduce_the_model_card() -> None:

@@ -133,8 +133,23 @@ def as_unit(images: np.ndarray) -> torch.Tensor:
 # --- resumable loops ----------------------------------------------------------------------
 
 
+def lr_scale(step: int, cycles: list[int], warmup: int = 0) -> float:
+    """Learning-rate factor at ``step``: a linear warm-up, then one cosine from 1 to 0.1 per
+    cycle, restarting at 1 (warm restarts). Appending a cycle to a finished recipe leaves the
+    earlier steps' schedule unchanged, so a finished build resumes into the longer recipe and
+    ends with the weights a from-scratch build of that recipe makes."""
+    scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    start = 0
+    for length in cycles:
+        if step < start + length:
+            return scale * (0.5 * (1 + math.cos(math.pi * (step - start) / length)) * 0.9 + 0.1)
+        start += length
+    raise ValueError(f"step {step} is past the schedule's {start} steps")
+
+
 class Loop:
-    """A training loop whose modules, optimiser and step survive interruption."""
+    """A training loop whose modules, optimiser and step survive interruption. ``steps`` is one
+    cosine cycle's length or a list of cycles (see ``lr_scale``)."""
 
     def __init__(
         self,
@@ -142,12 +157,13 @@ class Loop:
         stage: str,
         modules: dict[str, nn.Module],
         lr: float,
-        steps: int,
+        steps: int | list[int],
         on_save: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = build / f"{stage}.state.pt"
         self.on_save = on_save  # the builder books the time spent up to each checkpoint
-        self.stage, self.modules, self.steps = stage, modules, steps
+        self.cycles = [steps] if isinstance(steps, int) else list(steps)
+        self.stage, self.modules, self.steps = stage, modules, sum(self.cycles)
         params = [p for m in modules.values() for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.step = 0
@@ -206,8 +222,7 @@ class Loop:
         for module in self.modules.values():
             module.train()
         while self.step < stop_at and time.monotonic() < deadline:
-            scale = min(1.0, (self.step + 1) / warmup) if warmup else 1.0
-            scale *= 0.5 * (1 + math.cos(math.pi * self.step / self.steps)) * 0.9 + 0.1
+            scale = lr_scale(self.step, self.cycles, warmup)
             for group, lr in zip(self.optimizer.param_groups, base_lr, strict=True):
                 group["lr"] = lr * scale
             loss = loss_fn(step_generator(seed, self.stage, self.step))
