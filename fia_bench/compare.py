@@ -48,6 +48,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     records: pd.DataFrame
+    weights: str  # the model's weight fingerprint: which build of a model the run measured
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -70,7 +71,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
             na_values=[""],
             dtype={"prompt_id": str, "image_key": str, "concept": str},
         )
-        runs.append(Run(d, read_json(d / "manifest.json")["config"], records))
+        manifest = read_json(d / "manifest.json")
+        runs.append(Run(d, manifest["config"], records, manifest["inputs"]["model_weights"]))
     return runs
 
 
@@ -474,7 +476,8 @@ def compare(paths: list[Path], tables: Path = PAPER_TABLES) -> str:
         "",
         f"Paper tables: {', '.join(recipe['paper'])} (`experiments/paper_tables/`); "
         f"recipe follows {recipe.get('spec', 'the specs')}.",
-        f"Ours: model `{', '.join(sorted(first['model'].unique()))}` · "
+        f"Ours: model `{', '.join(sorted(first['model'].unique()))}` "
+        f"(weights {', '.join(sorted({f'`{r.weights[:12]}`' for r in runs}))}) · "
         f"task `{', '.join(sorted(first['task'].unique()))}` · "
         f"sampler `{', '.join(sorted(first['sampler'].unique()))}` · "
         f"seeds {sorted(int(s) for s in first['seed'].unique())} · {len(runs)} run(s).",

@@ -67,7 +67,8 @@ def fake_run(path: Path, recipe: dict, method: str, records: list[dict], **setti
         "method": {"name": method, "settings": settings},
         "reference": "none",
     }
-    (path / "manifest.json").write_text(json.dumps({"config": config}), encoding="utf-8")
+    manifest = {"config": config, "inputs": {"model_weights": f"{method}-weights-fingerprint"}}
+    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     pd.DataFrame(records, columns=RECORD_COLUMNS).to_csv(path / "records.csv", index=False)
     return path
 
@@ -324,6 +325,7 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     assert "Rows not run (no run directory matches them): UCE." in report
     assert "a protocol note" in report
     assert "ours are on `tiny_random`: compare trends" in report
+    assert "Ours: model `tiny_random` (weights `fia-weights-`)" in report
     assert "| FIA | Belly | 1.00 (1) | 2 | -1 |" in report
 
 
