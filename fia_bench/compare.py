@@ -25,6 +25,7 @@ from fia_bench import stats
 from fia_bench.cache import read_json, write_text
 from fia_bench.composite import fia_overall, scapre_uq
 from fia_bench.errors import FiaBenchError
+from fia_bench.records import check_one_build
 from fia_bench.report import markdown_table
 
 PAPER_TABLES = Path(__file__).resolve().parent.parent / "experiments" / "paper_tables"
@@ -73,6 +74,9 @@ def find_runs(paths: list[Path]) -> list[Run]:
         )
         manifest = read_json(d / "manifest.json")
         runs.append(Run(d, manifest["config"], records, manifest["inputs"]["model_weights"]))
+    check_one_build(
+        [(str(r.path), m, r.weights) for r in runs for m in r.records["model"].unique()]
+    )
     return runs
 
 

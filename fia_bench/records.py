@@ -69,3 +69,18 @@ def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
         raise FiaBenchError(f"incomplete results, refusing to aggregate: {shown}")
+
+
+def check_one_build(runs: list[tuple[str, str, str]]) -> None:
+    """Refuse to merge ``(run directory, model name, weight fingerprint)`` runs that measured two
+    builds of one model: a retrained model keeps its name, methods and seeds, so its rows would
+    otherwise sit beside the old build's in one table without a clash to reveal them."""
+    first: dict[str, tuple[str, str]] = {}
+    for run_dir, model, weights in runs:
+        seen_dir, seen_weights = first.setdefault(model, (run_dir, weights))
+        if weights != seen_weights:
+            raise FiaBenchError(
+                f"runs of model {model!r} loaded different weights: {seen_dir} has "
+                f"{seen_weights[:12]}, {run_dir} has {weights[:12]}; merge the runs of one "
+                "build (move the other build's run directories out of the way)"
+            )

@@ -25,7 +25,13 @@ from fia_bench.cache import Cache, read_json, write_json, write_text
 from fia_bench.composite import fia_overall
 from fia_bench.errors import FiaBenchError
 from fia_bench.loggers import log_run
-from fia_bench.records import JOB_KEYS, RECORD_COLUMNS, RUN_COLUMNS, check_complete
+from fia_bench.records import (
+    JOB_KEYS,
+    RECORD_COLUMNS,
+    RUN_COLUMNS,
+    check_complete,
+    check_one_build,
+)
 
 PACKAGES = (
     "fia_bench",
@@ -463,8 +469,9 @@ def load_runs(
     dirs: list[Path],
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache], dict, list[str]]:
     """Concatenate run directories; rows measured by several runs (the shared reference) must
-    agree exactly and are kept once. Also returns each run's configuration and model weights."""
-    records, runs, caches, configs, weights = [], [], [], {}, []
+    agree exactly and are kept once, and each model must be one build. Also returns each run's
+    configuration and model weights."""
+    records, runs, caches, configs, weights, builds = [], [], [], {}, [], []
     for d in dirs:
         for name in ("records.csv", "runs.csv", "manifest.json"):
             if not (d / name).is_file():
@@ -482,6 +489,8 @@ def load_runs(
         caches.append(Cache(manifest["config"]["cache_dir"]))
         configs[str(d)] = manifest["config"]
         weights.append(manifest["inputs"]["model_weights"])
+        builds += [(str(d), model, weights[-1]) for model in records[-1]["model"].unique()]
+    check_one_build(builds)
     merged = pd.concat(records, ignore_index=True)[RECORD_COLUMNS]
     merged["image_key"] = merged["image_key"].fillna("")
     key = [c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key")]

@@ -583,7 +583,12 @@ class FIA(Method):
         if self.selection == "random":
             drawn = random_masks(prune, request.seed)
             kept = sum(int((drawn[n] & prune[n]).sum()) for n in prune)
-            info["random_overlap_with_saliency"] = kept / max(info["pruned_connections"], 1)
+            pruned = max(info["pruned_connections"], 1)
+            info["random_overlap_with_saliency"] = kept / pruned
+            # a uniform draw of k of a layer's n entries meets its k salient ones k²/n times
+            info["random_overlap_by_chance"] = (
+                sum(int(p.sum()) ** 2 / p.numel() for p in prune.values()) / pruned
+            )
             prune = drawn
         return prune, info
 

@@ -59,7 +59,14 @@ def record(method: str, seed: int, evaluator: str, metric: str, value: float, **
     }
 
 
-def fake_run(path: Path, recipe: dict, method: str, records: list[dict], **settings: Any) -> Path:
+def fake_run(
+    path: Path,
+    recipe: dict,
+    method: str,
+    records: list[dict],
+    weights: str = "base-weights-fingerprint",
+    **settings: Any,
+) -> Path:
     """A run directory as the runner writes it, reduced to what the comparison reads."""
     path.mkdir(parents=True)
     config = {
@@ -67,7 +74,7 @@ def fake_run(path: Path, recipe: dict, method: str, records: list[dict], **setti
         "method": {"name": method, "settings": settings},
         "reference": "none",
     }
-    manifest = {"config": config, "inputs": {"model_weights": f"{method}-weights-fingerprint"}}
+    manifest = {"config": config, "inputs": {"model_weights": weights}}
     (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     pd.DataFrame(records, columns=RECORD_COLUMNS).to_csv(path / "records.csv", index=False)
     return path
@@ -325,7 +332,7 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     assert "Rows not run (no run directory matches them): UCE." in report
     assert "a protocol note" in report
     assert "ours are on `tiny_random`: compare trends" in report
-    assert "Ours: model `tiny_random` (weights `fia-weights-`)" in report
+    assert "Ours: model `tiny_random` (weights `base-weights`)" in report
     assert "| FIA | Belly | 1.00 (1) | 2 | -1 |" in report
 
 
@@ -361,6 +368,11 @@ def test_ambiguous_rows_and_foreign_runs_are_one_line_errors(tmp_path: Path) -> 
         compare([tmp_path / "a", other])
     with pytest.raises(FiaBenchError, match="no fia_bench run directory"):
         compare([tmp_path / "missing"])
+    rebuilt = tmp_path / "rebuilt"
+    fake_run(rebuilt / "a", RECIPE, "uce", quality, lamb=0.5)
+    fake_run(rebuilt / "b", RECIPE, "fia", quality, weights="retrained-fingerprint")
+    with pytest.raises(FiaBenchError, match="runs of model 'tiny_random' loaded different weights"):
+        compare([rebuilt])
     with pytest.raises(FiaBenchError, match="composite uq needs forget, clip"):
         check_recipe(
             {

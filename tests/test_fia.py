@@ -145,6 +145,8 @@ def test_the_random_control_prunes_as_many_connections_per_layer_elsewhere() -> 
     assert any(not torch.equal(drawn[n], saliency[n]) for n in drawn)
     overlap = sum(int((drawn[n] & saliency[n]).sum()) for n in drawn)
     assert info["random_overlap_with_saliency"] == overlap / info["pruned_connections"] < 0.5
+    chance = sum(int(m.sum()) ** 2 / m.numel() for m in saliency.values())
+    assert info["random_overlap_by_chance"] == pytest.approx(chance / info["pruned_connections"])
 
     base = artifacts.snapshot(engine.pipe)
     fia(r2=0.05, selection="random").erase(request(engine, targets, seed=5))
