@@ -9,14 +9,18 @@ loop, measured in the same run, plus one of:
 * ``--scale sd``: the SD v1.4 architecture with random weights (weights do not change speed),
   the methods' edit times through their plugins, those figures beside the targets and the
   papers' own, and the projected GPU-hours to reproduce FIA Tables 1 and 3 (``projection.py``).
+* ``--scale mini-train``: the mini world's training recipe timed per stage on this device and
+  the whole ``make mini-world`` build projected from it (``miniworld_train.py``; budget: 20
+  minutes on one H100).
 
     python -m benchmarks                                    # tiny, CPU
     python -m benchmarks --scale mini                       # the default command, CPU
     python -m benchmarks --scale sd --device cuda [--compile]
     python -m benchmarks --scale sd --sd-steps 2 --sd-resolution 128 --images 2 ...   # CPU smoke
+    python -m benchmarks --scale mini-train --device cuda --stage-steps 200
 
-Results go to ``<out>/bench_<device>`` (tiny) or ``<out>/bench_sd_<device>`` (sd), ``.json`` and
-``.md``, and ``<out>/bench_mini_<device>``; ``fia_bench.plan`` reads the engine rate of
+Results go to ``<out>/bench_<device>`` (tiny) or ``<out>/bench_<scale>_<device>`` (``mini``,
+``sd``, ``mini_train``), ``.json`` and ``.md``; ``fia_bench.plan`` reads the engine rate of
 ``bench_sd_cuda.json``.
 """
 
@@ -39,7 +43,7 @@ import torch
 import yaml
 
 import fia_bench
-from benchmarks import erasure, generation, projection
+from benchmarks import erasure, generation, miniworld_train, projection
 from fia_bench.cache import write_json, write_text
 from fia_bench.engine import AUTO, EngineOptions
 from fia_bench.errors import FiaBenchError
@@ -58,7 +62,7 @@ BUDGET_S = {"default": 600.0, "smoke": 60.0}
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", choices=("tiny", "mini", "sd"), default="tiny")
+    p.add_argument("--scale", choices=("tiny", "mini", "sd", "mini-train"), default="tiny")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--images", type=int, help="images the engine makes (tiny, mini 32; sd 64)")
@@ -66,6 +70,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="tiny: DDIM steps")
     p.add_argument(
         "--job", action="append", default=[], help="tiny: an override for the harness job"
+    )
+    p.add_argument(
+        "--stage-steps",
+        type=int,
+        default=50,
+        help="mini-train: steps each trained stage is timed for, then twice as many",
     )
     p.add_argument("--sd-steps", type=int, default=PROTOCOL["steps"], help="sd: DDIM steps")
     p.add_argument("--sd-resolution", type=int, default=PROTOCOL["resolution"])
@@ -459,6 +469,21 @@ def sd_markdown(result: dict[str, Any], protocol: dict[str, Any]) -> str:
     )
 
 
+# ---- mini-train ----------------------------------------------------------------------------------
+def mini_train(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    m = machine(args.device, args.command)
+    log(f"timing the mini world's recipe, {args.stage_steps} and {2 * args.stage_steps} steps")
+    timing = miniworld_train.time_recipe(args.stage_steps, args.device)
+    on_cuda = torch.device(args.device).type == "cuda"
+    text = "\n".join(
+        [
+            *header(m, f"fia_bench benchmark, mini-world training ({args.device})"),
+            *miniworld_train.markdown(timing, on_cuda),
+        ]
+    )
+    return {"scale": "mini-train", "machine": m, **timing}, text
+
+
 def log(line: str) -> None:
     print(f"[bench] {line}", flush=True)
 
@@ -468,11 +493,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.command = " ".join(["python -m benchmarks", *argv])
     try:
-        result, text = sd(args) if args.scale == "sd" else small_world(args, args.scale)
+        if args.scale == "sd":
+            result, text = sd(args)
+        elif args.scale == "mini-train":
+            result, text = mini_train(args)
+        else:
+            result, text = small_world(args, args.scale)
     except FiaBenchError as err:
         raise SystemExit(f"error: {err}") from None
     kind = torch.device(args.device).type
-    prefix = "bench" if args.scale == "tiny" else f"bench_{args.scale}"
+    prefix = "bench" if args.scale == "tiny" else f"bench_{args.scale.replace('-', '_')}"
     stem = args.out / f"{prefix}_{kind}"
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".md"), text)

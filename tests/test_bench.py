@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
-from tiny import tiny_engine
+from tiny import tiny_engine, toy_recipe
 
-from benchmarks import erasure, projection
+from benchmarks import erasure, miniworld_train, projection
 from benchmarks.__main__ import concept_counts, main, method_overrides
 from fia_bench.errors import FiaBenchError
+from fia_bench.miniworld.train import TRAINED, recipe, weights_dir
 
 PROTOCOL = projection.load_protocol()
 METHODS = ["fia", "uce", "esd", "scapre", "dynamic_mask"]
@@ -145,3 +146,29 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path: Path, cache_dir: Path) ->
     assert "naive diffusers loop" in text and "python -m benchmarks --images 4" in text
     with pytest.raises(SystemExit, match="--batch-size must be 'auto' or a positive integer"):
         main(["--batch-size", "0", "--out", str(tmp_path)])
+
+
+def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -> None:
+    """Two toy builds of 2 and 4 steps per stage; the shipped weights are never written."""
+    shipped = {p: p.stat().st_mtime_ns for p in weights_dir().rglob("*") if p.is_file()}
+    toy = recipe(toy_recipe(tmp_path))
+    assert miniworld_train.shortened(toy, 7)["generator"] == {**toy["generator"], "steps": 7}
+    result = miniworld_train.time_recipe(2, "cpu", tmp_path / "recipe.yaml", work=tmp_path)
+    rows = {r["stage"]: r for r in result["stages"]}
+    assert list(rows) == ["data", *TRAINED, "export"]
+    for stage in TRAINED:
+        r = rows[stage]
+        once, twice = r["timed_s"]
+        assert r["recipe_steps"] == miniworld_train.recipe_steps(toy[stage])
+        assert r["s_per_step"] == pytest.approx((twice - once) / 2)
+        assert r["fixed_s"] + 2 * r["s_per_step"] == pytest.approx(once)
+        assert r["projected_s"] == pytest.approx(r["fixed_s"] + r["recipe_steps"] * r["s_per_step"])
+    assert result["projected_minutes"] * 60 == pytest.approx(
+        sum(r["projected_s"] for r in rows.values())
+    )
+    assert rows["generator"]["recipe_steps"] == 3 and rows["data"]["projected_s"] > 0
+    assert "Projected whole build" in "\n".join(miniworld_train.markdown(result, on_cuda=False))
+    assert {p: p.stat().st_mtime_ns for p in weights_dir().rglob("*") if p.is_file()} == shipped
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]  # the builds were thrown away
+    with pytest.raises(FiaBenchError, match="--stage-steps must be a positive"):
+        miniworld_train.time_recipe(0, "cpu")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from tiny import toy_recipe
 
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
@@ -18,22 +19,6 @@ from fia_bench.miniworld.judges import detect_hazards, load_classifier
 from fia_bench.miniworld.train import TRAINED, Builder, lr_scale, recipe
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
-
-
-def toy_recipe(tmp_path: Path) -> Path:
-    r = recipe()
-    r["data"]["train_images"] = 48
-    r["vae"].update(block_out_channels=[32, 32], steps=2, batch_size=4)
-    r["unet"].update(block_out_channels=[32, 32, 32], attention_head_dim=[1, 1, 1])
-    r["text_encoder"].update(hidden_size=32, intermediate_size=32, num_attention_heads=1)
-    r["classifier"].update(width=8, steps=2, batch_size=4)
-    r["clip"].update(embed_dim=16, steps=2, batch_size=4)
-    r["clip"]["vision"].update(layers=1, width=32)
-    r["clip"]["text"].update(layers=1, width=32, heads=1)
-    r["generator"].update(steps=3, batch_size=4, warmup_steps=1)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(r), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

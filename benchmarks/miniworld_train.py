@@ -1,0 +1,153 @@
+"""The mini world's training recipe timed on this device, and the whole build projected from it.
+
+Issue 4 budgets the build (``make mini-world``) at 20 minutes on one H100, but a device is often
+lent for less than that, and a CPU build takes hours. So each trained stage runs twice in
+throwaway builds, for ``steps`` and for ``2 * steps`` steps: the difference is the steady cost of
+``steps`` steps, the remainder the stage's fixed cost (building the models, the VAE's encoding
+pass, saving), and a stage of the recipe is projected as fixed + recipe steps × seconds per step.
+Rendering and export run once, at the recipe's size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fia_bench.errors import FiaBenchError
+from fia_bench.miniworld.train import TRAINED, Builder, recipe, weights_dir
+from fia_bench.report import markdown_table
+
+BUDGET_MINUTES = 20.0  # issue 4: the whole world on one H100
+
+
+def recipe_steps(stage_recipe: dict[str, Any]) -> int:
+    steps = stage_recipe["steps"]
+    return int(sum(steps)) if isinstance(steps, list) else int(steps)
+
+
+def shortened(full: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The recipe with every trained stage cut to ``steps`` steps (one cycle); nothing else
+    changes, so a step costs what it costs in the real build."""
+    short = copy.deepcopy(full)
+    for stage in TRAINED:
+        short[stage]["steps"] = steps
+    return short
+
+
+def run_build(build: Path, r: dict[str, Any], stages: list[str], device: str) -> dict[str, float]:
+    """Seconds per stage of one complete build (the build's own ``times.json``)."""
+    path = build.parent / f"{build.name}.yaml"
+    path.write_text(yaml.safe_dump(r), encoding="utf-8")
+    builder = Builder(build, out=build / "exported", recipe_path=path, device=device)
+    if not builder.run(stages):
+        raise FiaBenchError(f"the timing build {build} stopped before its end")
+    return json.loads((build / "times.json").read_text(encoding="utf-8"))
+
+
+def time_recipe(
+    steps: int, device: str, recipe_path: Path | None = None, work: Path | None = None
+) -> dict[str, Any]:
+    if steps < 1:
+        raise FiaBenchError(f"--stage-steps must be a positive number of steps, got {steps}")
+    full = recipe(recipe_path)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        once, twice = Path(tmp) / "once", Path(tmp) / "twice"
+        first = run_build(once, shortened(full, steps), ["data", *TRAINED, "export"], device)
+        twice.mkdir()
+        shutil.copy(once / "data.npz", twice / "data.npz")  # a pure function of the recipe
+        second = run_build(twice, shortened(full, 2 * steps), list(TRAINED), device)
+    stages = []
+    for stage in TRAINED:
+        per_step = (second[stage] - first[stage]) / steps
+        fixed = first[stage] - steps * per_step
+        total_steps = recipe_steps(full[stage])
+        stages.append(
+            {
+                "stage": stage,
+                "recipe_steps": total_steps,
+                "s_per_step": per_step,
+                "fixed_s": fixed,
+                "projected_s": fixed + total_steps * per_step,
+                "timed_s": [first[stage], second[stage]],
+            }
+        )
+    once_only = [
+        {"stage": stage, "recipe_steps": None, "projected_s": first[stage]}
+        for stage in ("data", "export")
+    ]
+    rows = [once_only[0], *stages, once_only[1]]
+    return {
+        "stage_steps": steps,
+        "stages": rows,
+        "projected_minutes": sum(r["projected_s"] for r in rows) / 60,
+        "noisy": [r["stage"] for r in stages if r["s_per_step"] <= 0 or r["fixed_s"] < 0],
+        "shipped_build": shipped_build(),
+    }
+
+
+def shipped_build() -> dict[str, Any]:
+    """What the shipped weights' own build recorded (seconds per stage and devices), to set the
+    projection beside on the same kind of device."""
+    path = weights_dir() / "training.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def markdown(result: dict[str, Any], on_cuda: bool) -> list[str]:
+    shipped = result["shipped_build"].get("seconds", {})
+    devices = result["shipped_build"].get("devices", {})
+    rows = []
+    for r in result["stages"]:
+        recorded = shipped.get(r["stage"])
+        where = ",".join(devices.get(r["stage"], [])) or "?"
+        rows.append(
+            [
+                r["stage"],
+                f"{r['recipe_steps']:,}" if r["recipe_steps"] else "–",
+                f"{r['s_per_step']:.4g}" if "s_per_step" in r else "–",
+                f"{r['fixed_s']:.1f}" if "fixed_s" in r else "–",
+                f"{r['projected_s'] / 60:.2f}",
+                f"{recorded / 60:.1f} ({where})" if recorded is not None else "–",
+            ]
+        )
+    total = result["projected_minutes"]
+    if on_cuda:
+        verdict = (
+            f"Issue 4's budget is {BUDGET_MINUTES:g} minutes on one H100: "
+            f"{'met' if total <= BUDGET_MINUTES else 'missed'} on this device by projection."
+        )
+    else:
+        verdict = f"Issue 4's budget ({BUDGET_MINUTES:g} minutes) is for one H100; not judged here."
+    lines = [
+        f"Each trained stage ran {result['stage_steps']} and {2 * result['stage_steps']} steps in "
+        "throwaway builds; seconds per step are the difference, the fixed seconds the rest "
+        "(model set-up, the VAE's encoding pass, saving). Rendering and export ran once at the "
+        "recipe's size. The last column is what the shipped weights' build recorded "
+        "(`training.json`, summed over its chunks, at whatever load its machine had).",
+        "",
+        markdown_table(
+            [
+                "stage",
+                "recipe steps",
+                "s/step",
+                "fixed s",
+                "projected min",
+                "shipped build min (device)",
+            ],
+            rows,
+        ),
+        "",
+        f"Projected whole build: **{total:.1f} minutes**. {verdict}",
+    ]
+    if result["noisy"]:
+        lines += [
+            "",
+            f"Too noisy to project: {', '.join(result['noisy'])} (a second run took no longer "
+            "than the first); raise --stage-steps.",
+        ]
+    return [*lines, ""]
