@@ -68,6 +68,9 @@ def test_multirun_and_report_merge(tmp_path: Path) -> None:
     # every run also measured the reference; the merge keeps each reference row once
     parts = pd.concat([pd.read_csv(r / "records.csv") for r in runs])
     assert len(pd.read_csv(merged / "records.csv")) == len(parts.drop_duplicates())
+    assert len(parts) > len(parts.drop_duplicates())
+    tests = pd.read_csv(merged / "tests.csv")
+    assert set(zip(tests["method_a"], tests["method_b"], strict=True)) == {("uce", "none")}
     # a run of a rebuilt model (same name, other weights) is refused, not merged beside the others
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     manifest["inputs"]["model_weights"] = "0" * 64
@@ -81,9 +84,6 @@ def test_multirun_and_report_merge(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2
     assert "runs of model 'tiny_random' loaded different weights" in refused.stderr
-    assert len(parts) > len(parts.drop_duplicates())
-    tests = pd.read_csv(merged / "tests.csv")
-    assert set(zip(tests["method_a"], tests["method_b"], strict=True)) == {("uce", "none")}
 
 
 def test_wandb_logger_writes_an_offline_run(tmp_path: Path) -> None:
