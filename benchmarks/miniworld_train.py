@@ -147,7 +147,7 @@ def markdown(result: dict[str, Any], on_cuda: bool) -> list[str]:
     if result["noisy"]:
         lines += [
             "",
-            f"Too noisy to project: {', '.join(result['noisy'])} (a second run took no longer "
-            "than the first); raise --stage-steps.",
+            f"Too noisy to project: {', '.join(result['noisy'])} (the two runs' times give a "
+            "non-positive per-step or a negative fixed cost); raise --stage-steps.",
         ]
     return [*lines, ""]
