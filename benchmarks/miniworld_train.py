@@ -20,15 +20,10 @@ from typing import Any
 import yaml
 
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import TRAINED, Builder, recipe, weights_dir
+from fia_bench.miniworld.train import TRAINED, Builder, cycles_of, recipe, weights_dir
 from fia_bench.report import markdown_table
 
 BUDGET_MINUTES = 20.0  # issue 4: the whole world on one H100
-
-
-def recipe_steps(stage_recipe: dict[str, Any]) -> int:
-    steps = stage_recipe["steps"]
-    return int(sum(steps)) if isinstance(steps, list) else int(steps)
 
 
 def shortened(full: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -66,7 +61,7 @@ def time_recipe(
     for stage in TRAINED:
         per_step = (second[stage] - first[stage]) / steps
         fixed = first[stage] - steps * per_step
-        total_steps = recipe_steps(full[stage])
+        total_steps = sum(cycles_of(full[stage]["steps"]))
         stages.append(
             {
                 "stage": stage,
@@ -77,11 +72,11 @@ def time_recipe(
                 "timed_s": [first[stage], second[stage]],
             }
         )
-    once_only = [
-        {"stage": stage, "recipe_steps": None, "projected_s": first[stage]}
-        for stage in ("data", "export")
-    ]
-    rows = [once_only[0], *stages, once_only[1]]
+
+    def once(stage: str) -> dict[str, Any]:
+        return {"stage": stage, "recipe_steps": None, "projected_s": first[stage]}
+
+    rows = [once("data"), *stages, once("export")]
     return {
         "stage_steps": steps,
         "stages": rows,

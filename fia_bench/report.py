@@ -471,7 +471,7 @@ def load_runs(
     """Concatenate run directories; rows measured by several runs (the shared reference) must
     agree exactly and are kept once, and each model must be one build. Also returns each run's
     configuration and model weights."""
-    records, runs, caches, configs, weights, builds = [], [], [], {}, [], []
+    records, runs, caches, configs, weights = [], [], [], {}, []
     for d in dirs:
         for name in ("records.csv", "runs.csv", "manifest.json"):
             if not (d / name).is_file():
@@ -489,8 +489,13 @@ def load_runs(
         caches.append(Cache(manifest["config"]["cache_dir"]))
         configs[str(d)] = manifest["config"]
         weights.append(manifest["inputs"]["model_weights"])
-        builds += [(str(d), model, weights[-1]) for model in records[-1]["model"].unique()]
-    check_one_build(builds)
+    check_one_build(
+        [
+            (str(d), model, w)
+            for d, frame, w in zip(dirs, records, weights, strict=True)
+            for model in frame["model"].unique()
+        ]
+    )
     merged = pd.concat(records, ignore_index=True)[RECORD_COLUMNS]
     merged["image_key"] = merged["image_key"].fillna("")
     key = [c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key")]

@@ -13,7 +13,7 @@ from tiny import tiny_engine, toy_recipe
 from benchmarks import erasure, miniworld_train, projection
 from benchmarks.__main__ import concept_counts, main, method_overrides
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import TRAINED, recipe, weights_dir
+from fia_bench.miniworld.train import TRAINED, cycles_of, recipe, weights_dir
 
 PROTOCOL = projection.load_protocol()
 METHODS = ["fia", "uce", "esd", "scapre", "dynamic_mask"]
@@ -159,7 +159,7 @@ def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -
     for stage in TRAINED:
         r = rows[stage]
         once, twice = r["timed_s"]
-        assert r["recipe_steps"] == miniworld_train.recipe_steps(toy[stage])
+        assert r["recipe_steps"] == sum(cycles_of(toy[stage]["steps"]))
         assert r["s_per_step"] == pytest.approx((twice - once) / 2)
         assert r["fixed_s"] + 2 * r["s_per_step"] == pytest.approx(once)
         assert r["projected_s"] == pytest.approx(r["fixed_s"] + r["recipe_steps"] * r["s_per_step"])

@@ -133,6 +133,11 @@ def as_unit(images: np.ndarray) -> torch.Tensor:
 # --- resumable loops ----------------------------------------------------------------------
 
 
+def cycles_of(steps: int | list[int]) -> list[int]:
+    """A recipe's ``steps``: one cosine cycle's length or a list of cycles."""
+    return [steps] if isinstance(steps, int) else list(steps)
+
+
 def lr_scale(step: int, cycles: list[int], warmup: int = 0) -> float:
     """Learning-rate factor at ``step``: a linear warm-up, then one cosine from 1 to 0.1 per
     cycle, restarting at 1 (warm restarts). Appending a cycle to a finished recipe leaves the
@@ -162,7 +167,7 @@ class Loop:
     ) -> None:
         self.path = build / f"{stage}.state.pt"
         self.on_save = on_save  # the builder books the time spent up to each checkpoint
-        self.cycles = [steps] if isinstance(steps, int) else list(steps)
+        self.cycles = cycles_of(steps)
         self.stage, self.modules, self.steps = stage, modules, sum(self.cycles)
         params = [p for m in modules.values() for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
