@@ -75,7 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--stage-steps",
         type=int,
         default=50,
-        help="mini-train: steps each trained stage is timed for, then twice as many",
+        help="mini-train: each trained stage runs twice this many steps and is timed over its last "
+        "this many",
     )
     p.add_argument("--sd-steps", type=int, default=PROTOCOL["steps"], help="sd: DDIM steps")
     p.add_argument("--sd-resolution", type=int, default=PROTOCOL["resolution"])

@@ -149,7 +149,7 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path: Path, cache_dir: Path) ->
 
 
 def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -> None:
-    """Two toy builds of 2 and 4 steps per stage; the shipped weights are never written."""
+    """One toy build of 4 steps per stage; the shipped weights are never written."""
     shipped = {p: p.stat().st_mtime_ns for p in weights_dir().rglob("*") if p.is_file()}
     toy = recipe(toy_recipe(tmp_path))
     assert miniworld_train.shortened(toy, 7)["generator"] == {**toy["generator"], "steps": 7}
@@ -158,10 +158,11 @@ def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -
     assert list(rows) == ["data", *TRAINED, "export"]
     for stage in TRAINED:
         r = rows[stage]
-        once, twice = r["timed_s"]
+        halfway, end = r["step_clock_s"]
+        assert 0 < halfway < end <= r["timed_s"]
         assert r["recipe_steps"] == sum(cycles_of(toy[stage]["steps"]))
-        assert r["s_per_step"] == pytest.approx((twice - once) / 2)
-        assert r["fixed_s"] + 2 * r["s_per_step"] == pytest.approx(once)
+        assert r["s_per_step"] == pytest.approx((end - halfway) / 2)
+        assert r["fixed_s"] + 4 * r["s_per_step"] == pytest.approx(r["timed_s"])
         assert r["projected_s"] == pytest.approx(r["fixed_s"] + r["recipe_steps"] * r["s_per_step"])
     assert result["projected_minutes"] * 60 == pytest.approx(
         sum(r["projected_s"] for r in rows.values())

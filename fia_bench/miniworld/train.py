@@ -164,9 +164,11 @@ class Loop:
         lr: float,
         steps: int | list[int],
         on_save: Callable[[], None] = lambda: None,
+        on_step: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = build / f"{stage}.state.pt"
-        self.on_save = on_save  # the builder books the time spent up to each checkpoint
+        # the builder books the time spent up to each checkpoint, and notes when each step ends
+        self.on_save, self.on_step = on_save, on_step
         self.cycles = cycles_of(steps)
         self.stage, self.modules, self.steps = stage, modules, sum(self.cycles)
         params = [p for m in modules.values() for p in m.parameters()]
@@ -241,7 +243,8 @@ class Loop:
             if ema_decay:
                 self.update_ema(ema_decay)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # .item() waits for the device
+            self.on_step()
             if time.monotonic() - last_save > save_every_s:
                 self.save()
                 last_save = time.monotonic()
@@ -371,6 +374,10 @@ class Builder:
         self.limits = (time.monotonic() + 60 * max_minutes, max_steps)
         build.mkdir(parents=True, exist_ok=True)
         self._data: dict[str, np.ndarray] | None = None
+        # per stage, seconds from the stage's start in this call to the end of each step it
+        # took: how the mini-train benchmark parts a stage's steady cost per step from its fixed
+        # cost within one build
+        self.step_clock: dict[str, list[float]] = {}
 
     @property
     def data(self) -> dict[str, np.ndarray]:
@@ -389,7 +396,7 @@ class Builder:
     def stage_vae(self) -> bool:
         cfg = self.r["vae"]
         vae = build_vae(self.r).to(self.device)
-        loop = Loop(self.build, "vae", {"vae": vae}, cfg["lr"], cfg["steps"], self.clock)
+        loop = self.loop("vae", {"vae": vae})
         pixels = as_unit(self.data["images"])
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
@@ -430,9 +437,7 @@ class Builder:
     def stage_classifier(self) -> bool:
         cfg, a = self.r["classifier"], self.r["augment"]
         model = MiniClassifier(cfg["width"], attribute_classes()).to(self.device)
-        loop = Loop(
-            self.build, "classifier", {"classifier": model}, cfg["lr"], cfg["steps"], self.clock
-        )
+        loop = self.loop("classifier", {"classifier": model})
         pixels = as_unit(self.data["images"])
         recon = as_unit(np.load(self.build / "recon.npz")["images"])
         labels = {k: torch.from_numpy(self.data[k]) for k in attribute_classes()}
@@ -456,7 +461,7 @@ class Builder:
         cfg, a = self.r["clip"], self.r["augment"]
         model = open_clip.CLIP(**clip_model_cfg(self.r)).to(self.device)
         tokenizer = open_clip.SimpleTokenizer(context_length=self.r["tokenizer_max_length"])
-        loop = Loop(self.build, "clip", {"clip": model}, cfg["lr"], cfg["steps"], self.clock)
+        loop = self.loop("clip", {"clip": model})
         pixels = as_unit(self.data["images"])
         recon = as_unit(np.load(self.build / "recon.npz")["images"])
         mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
@@ -517,14 +522,7 @@ class Builder:
         tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
         text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
         unet = build_unet(self.r).to(self.device)
-        loop = Loop(
-            self.build,
-            "generator",
-            {"unet": unet, "text_encoder": text_encoder},
-            cfg["lr"],
-            cfg["steps"],
-            self.clock,
-        )
+        loop = self.loop("generator", {"unet": unet, "text_encoder": text_encoder})
         latents = torch.load(self.build / "latents.pt")["latents"]
         alphas = (
             torch.linspace(SD_SCHEDULER["beta_start"] ** 0.5, SD_SCHEDULER["beta_end"] ** 0.5, 1000)
@@ -609,6 +607,7 @@ class Builder:
             if stage in self._read("done.json", []) and stage != "export":
                 continue
             self._stage, self._since = stage, time.monotonic()
+            self._stage_start, self.step_clock[stage] = self._since, []
             if stage in TRAINED:  # initial weights must not depend on which stages ran before
                 torch.manual_seed(self.seed * 1000 + TRAINED.index(stage))
             finished = getattr(self, f"stage_{stage}")()
@@ -623,6 +622,13 @@ class Builder:
                 return False
             self._write("done.json", sorted({*self._read("done.json", []), stage}))
         return True
+
+    def loop(self, stage: str, modules: dict[str, nn.Module]) -> Loop:
+        cfg = self.r[stage]
+        return Loop(self.build, stage, modules, cfg["lr"], cfg["steps"], self.clock, self.note_step)
+
+    def note_step(self) -> None:
+        self.step_clock[self._stage].append(time.monotonic() - self._stage_start)
 
     def clock(self) -> None:
         """Add the time since the last booking to the running stage's total in ``times.json``.
