@@ -10,8 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
-from fia_bench.downloads import fetch
-from fia_bench.errors import FiaBenchError
+from fia_bench.downloads import fetch, read_table
 
 COCO30K_URL = "https://raw.githubusercontent.com/rohitgandikota/erasing/main/data/coco_30k.csv"
 
@@ -45,12 +44,7 @@ class CocoCaptions(PromptDataset):
             self.cache,
             "task.quality.settings.path",
         )
-        frame = pd.read_csv(local, keep_default_na=False)
-        missing = [c for c in (s["caption_column"], s["seed_column"]) if c not in frame.columns]
-        if missing:
-            raise FiaBenchError(
-                f"{local}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
-            )
+        frame = read_table(local, (s["caption_column"], s["seed_column"]))
         if s["limit"]:
             frame = frame.head(int(s["limit"]))
         return pd.DataFrame(

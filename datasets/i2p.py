@@ -10,8 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
-from fia_bench.downloads import fetch
-from fia_bench.errors import FiaBenchError
+from fia_bench.downloads import fetch, read_table
 
 I2P_URL = "https://huggingface.co/datasets/AIML-TUDA/i2p/resolve/main/i2p_benchmark.csv"
 
@@ -40,14 +39,10 @@ class I2P(PromptDataset):
         local = fetch(
             "I2P", s["path"], s["url"], s["sha256"], self.cache, "task.prompts.settings.path"
         )
-        frame = pd.read_csv(local, keep_default_na=False)
         needed = ["prompt", "categories"] + (
             [] if s["seed_column"] == "index" else [s["seed_column"]]
         )
-        missing = [c for c in needed if c not in frame.columns]
-        if missing:
-            raise FiaBenchError(f"{local}: missing column(s) {', '.join(missing)}")
-        frame = frame.reset_index(names="row")
+        frame = read_table(local, needed).reset_index(names="row")
         if s["categories"]:
             wanted = {c.strip().lower() for c in s["categories"]}
             keep = frame["categories"].map(

@@ -1,7 +1,10 @@
-"""Public data files (I2P, COCO-30k captions) fetched once into the cache, or read from a path.
+"""Public data files (I2P, COCO-30k captions) fetched once into the cache, or read from a path,
+and the CSV tables users hand in (these, attack prompt and pair files) read with their columns
+checked.
 
 Offline, a file that is not cached fails with one line saying where to get it and how to pass it,
-never with a trace from deep inside an HTTP library."""
+never with a trace from deep inside an HTTP library; a table that cannot serve fails with one
+line naming the file and what it lacks, never with a trace from inside pandas."""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
+
+import pandas as pd
 
 from fia_bench.cache import Cache, atomic_write, stable_hash
 from fia_bench.errors import FiaBenchError
@@ -60,3 +66,19 @@ def download(name: str, url: str, target: Path, setting: str) -> None:
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         raise FiaBenchError(f"{name}: cannot download ({err}); {hint}") from err
     atomic_write(target, lambda tmp: tmp.write_bytes(data))
+
+
+def read_table(path: Path, columns: Iterable[str]) -> pd.DataFrame:
+    """A UTF-8 CSV with at least ``columns``; empty cells stay empty strings."""
+    try:
+        frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
+    except UnicodeDecodeError as err:
+        raise FiaBenchError(f"{path}: not UTF-8 ({err.reason}); save the file as UTF-8") from err
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise FiaBenchError(f"{path}: not a CSV table ({str(err).strip()})") from err
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise FiaBenchError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
+        )
+    return frame

@@ -84,10 +84,20 @@ def test_quality_prompts_feed_only_the_evaluators_that_ask_for_them(
     assert "quality" in set(accuracy["role"])  # no roles: every prompt row
 
 
-def test_coco_reader_checks_columns(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"caption\nhello\n", r"c.csv: missing column\(s\) prompt, evaluation_seed; found caption"),
+        (b"prompt,evaluation_seed\nun caf\xe9,1\n", "c.csv: not UTF-8"),
+        (b"", r"c.csv: not a CSV table \(No columns to parse from file\)"),
+    ],
+)
+def test_a_bad_caption_file_is_named_with_what_it_lacks(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
     path = tmp_path / "c.csv"
-    path.write_text("caption\nhello\n")
+    path.write_bytes(content)
     dataset = CocoCaptions(path=str(path))
     dataset.cache = Cache(tmp_path)
-    with pytest.raises(FiaBenchError, match="missing column"):
+    with pytest.raises(FiaBenchError, match=message):
         dataset.rows(load_task("objects", "tiny"), ("tench",), ())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest
+from fia_bench.downloads import read_table
 from fia_bench.errors import FiaBenchError
 
 
@@ -36,17 +37,8 @@ class PromptReplay(Attack):
     def read(self) -> pd.DataFrame:
         if not self.path.is_file():
             raise FiaBenchError(f"attack prompt file {self.path} does not exist")
-        try:
-            frame = pd.read_csv(self.path, encoding="utf-8", keep_default_na=False)
-        except UnicodeDecodeError as err:
-            raise FiaBenchError(f"{self.path}: not UTF-8 ({err.reason})") from err
         needed = [c for c in (self.prompt_column, self.seed_column, self.source_column) if c]
-        missing = [c for c in needed if c not in frame.columns]
-        if missing:
-            raise FiaBenchError(
-                f"{self.path}: missing column(s) {', '.join(missing)}; found "
-                f"{', '.join(frame.columns)}"
-            )
+        frame = read_table(self.path, needed)
         frame = frame[frame[self.prompt_column].astype(str).str.strip() != ""]
         if frame.empty:
             raise FiaBenchError(f"{self.path}: no prompts in column '{self.prompt_column}'")

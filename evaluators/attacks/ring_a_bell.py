@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, Task
 from fia_bench.cache import hash_tensors
+from fia_bench.downloads import read_table
 from fia_bench.errors import FiaBenchError, unknown_choice
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,7 @@ def template_pairs(task: Task, concept: str, neutral: str) -> list[tuple[str, st
 def read_pairs(path: Path, with_column: str, without_column: str) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FiaBenchError(f"ring_a_bell: pair file {path} does not exist")
-    try:
-        frame = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
-    except UnicodeDecodeError as err:
-        raise FiaBenchError(f"{path}: not UTF-8 ({err.reason})") from err
-    missing = [c for c in (with_column, without_column) if c not in frame.columns]
-    if missing:
-        raise FiaBenchError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
-        )
+    frame = read_table(path, (with_column, without_column))
     pairs = [
         (str(a), str(b))
         for a, b in zip(frame[with_column], frame[without_column], strict=True)
