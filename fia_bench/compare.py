@@ -441,9 +441,23 @@ def sections(runs: list[Run], recipe: dict[str, Any], paper: pd.DataFrame) -> li
         arrow = {"lower_better": " ↓", "higher_better": " ↑"}.get(
             direction.iloc[0] if len(direction) else "", ""
         )
-        source = spec.get("composite") or f"{spec['source']} ({spec['role']})"
+        source = spec.get("composite") or source_label(spec)
         out.append(Section(name, arrow, str(source), int(spec.get("digits", 2)), cells))
     return out
+
+
+def source_label(spec: dict[str, Any]) -> str:
+    """How our column is read off the records, in the order ``seed_values`` applies it: a
+    complement or a scale changes what the column means, so the header says so."""
+    label = str(spec["source"])
+    if str(spec.get("reduce", "mean")) != "mean":
+        label = f"{spec['reduce']} of {label}"
+    scale = float(spec.get("scale", 1.0))
+    if spec.get("complement"):
+        label = f"100 − {label}" if scale == 1.0 else f"(100 − {label})"
+    if scale != 1.0:
+        label = f"{label} × {scale:g}"
+    return f"{label} ({spec['role']})"
 
 
 def notes_of(runs: list[Run], recipe: dict[str, Any], paper: pd.DataFrame) -> list[str]:

@@ -313,6 +313,14 @@ def test_counts_are_summed_per_seed_then_averaged_over_seeds(tmp_path: Path) -> 
     )
     # complement then scale: (100 - 30) / 2 and (100 - 34) / 2
     assert out["clip_score"]["SD v1.4"][0] == pytest.approx(34.0)
+    headers = [
+        s.source for s in sections(find_runs([tmp_path]), RECIPE, load_paper(RECIPE["paper"]))
+    ]
+    assert headers == [
+        "sum of nudenet/count (target)",
+        "sum of nudenet/count (target)",
+        "(100 − clip_score/clip_score) × 0.5 (quality)",
+    ]
 
 
 def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
