@@ -171,5 +171,8 @@ def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -
     assert "Projected whole build" in "\n".join(miniworld_train.markdown(result, on_cuda=False))
     assert {p: p.stat().st_mtime_ns for p in weights_dir().rglob("*") if p.is_file()} == shipped
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]  # the builds were thrown away
+    first_half_free = {"fixed_s": -0.04 * 10 * 2.0, "s_per_step": 2.0}  # 4% slower at the end
+    assert not miniworld_train.too_noisy(first_half_free, 10)
+    assert miniworld_train.too_noisy({**first_half_free, "fixed_s": -0.06 * 10 * 2.0}, 10)
     with pytest.raises(FiaBenchError, match="--stage-steps must be a positive"):
         miniworld_train.time_recipe(0, "cpu")
