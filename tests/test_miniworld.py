@@ -16,7 +16,7 @@ from tiny import toy_recipe
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
-from fia_bench.miniworld.train import TRAINED, Builder, lr_scale, recipe
+from fia_bench.miniworld.train import TRAINED, Builder, load_tensors, lr_scale, recipe
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
 
@@ -68,6 +68,34 @@ def test_exported_world_loads_through_the_harness(toy_world: tuple[Path, Path, P
     assert training["devices"]["generator"] == ["cpu"]
 
 
+def test_a_plain_diffusers_load_generates(toy_world: tuple[Path, Path, Path]) -> None:
+    """Outside the harness: the exported folder is an ordinary SD pipeline whose two models
+    compute in one dtype (the text encoder used to load as fp16 beside an fp32 UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    _, _, weights = toy_world
+    pipe = StableDiffusionPipeline.from_pretrained(weights / "pipeline", safety_checker=None)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    image = pipe("a star", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+
+
+def test_a_build_holds_no_pickle_and_an_export_replaces_the_weights_whole(
+    toy_world: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, path, weights = toy_world
+    assert not [p.name for p in (root / "build").rglob("*") if p.suffix in (".pt", ".pkl")]
+    before = {p: p.read_bytes() for p in weights.rglob("*") if p.is_file()}
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("diffusers.DiffusionPipeline.save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        Builder(root / "build", out=weights, recipe_path=path).run(["export"])
+    assert {p: p.read_bytes() for p in weights.rglob("*") if p.is_file()} == before
+
+
 def test_training_resumed_in_chunks_equals_uninterrupted(
     toy_world: tuple[Path, Path, Path],
 ) -> None:
@@ -83,11 +111,11 @@ def test_training_resumed_in_chunks_equals_uninterrupted(
     ):
         calls += 1
     assert calls >= 3  # it really stopped and resumed
-    whole = torch.load(root / "build" / "generator.pt")
-    parts = torch.load(chunked / "generator.pt")
-    for component in ("unet", "text_encoder"):
-        for name, tensor in whole[component].items():
-            assert torch.equal(tensor, parts[component][name]), (component, name)
+    whole = load_tensors(root / "build" / "generator.safetensors")[0]
+    parts = load_tensors(chunked / "generator.safetensors")[0]
+    assert whole.keys() == parts.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
 
 
 def test_learning_rate_cycles_restart_without_changing_earlier_steps() -> None:
@@ -109,19 +137,20 @@ def test_a_finished_build_resumes_into_an_added_cycle(toy_world: tuple[Path, Pat
     longer["generator"]["steps"] = [3, 2]
     longer_path = root / "longer.yaml"
     longer_path.write_text(yaml.safe_dump(longer), encoding="utf-8")
-    shared = ("data.npz", "latents.pt", "vae.pt", "recon.npz")  # upstream of the generator
+    shared = ("data.npz", "latents.safetensors", "vae.safetensors", "recon.npz")  # upstream
     finished, fresh = root / "resumed", root / "fresh"
-    for build, extra in ((finished, ("generator.state.pt",)), (fresh, ())):
+    for build, extra in ((finished, ("generator.state.safetensors",)), (fresh, ())):
         build.mkdir()
         for name in (*shared, *extra):
             (build / name).write_bytes((root / "build" / name).read_bytes())
         (build / "done.json").write_text('["data", "vae"]')
         assert Builder(build, out=root / "unused", recipe_path=longer_path).run(["generator"])
-    assert torch.load(finished / "generator.state.pt", weights_only=False)["step"] == 5
-    resumed, scratch = torch.load(finished / "generator.pt"), torch.load(fresh / "generator.pt")
-    for component in ("unet", "text_encoder"):
-        for name, tensor in scratch[component].items():
-            assert torch.equal(tensor, resumed[component][name]), (component, name)
+    assert load_tensors(finished / "generator.state.safetensors")[1]["step"] == 5
+    resumed = load_tensors(finished / "generator.safetensors")[0]
+    scratch = load_tensors(fresh / "generator.safetensors")[0]
+    assert resumed.keys() == scratch.keys()
+    for name, tensor in scratch.items():
+        assert torch.equal(tensor, resumed[name]), name
 
 
 def test_shipped_judges_reproduce_the_model_card() -> None:

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     card.add_argument("--images-per-prompt", type=int, default=8)
     card.add_argument("--fid-images", type=int, default=1000)
+    card.add_argument(
+        "--ablation-images-per-prompt",
+        type=int,
+        default=2,
+        help="images per object prompt for each sublayer family zeroed",
+    )
     card.add_argument("overrides", nargs="*", help="config overrides, e.g. sampler.steps=20")
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -57,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         from fia_bench.miniworld.card import measure, write_card
         from fia_bench.miniworld.train import weights_dir
 
-        result = measure(args.images_per_prompt, args.fid_images, args.overrides)
+        result = measure(
+            args.images_per_prompt,
+            args.fid_images,
+            args.overrides,
+            args.ablation_images_per_prompt,
+        )
         training = json.loads((weights_dir() / "training.json").read_text(encoding="utf-8"))
         write_card(result, args.out, args.doc, training)
         print(json.dumps(result, indent=1))
