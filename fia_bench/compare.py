@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,7 @@ class Row:
     method: str
     settings: dict[str, Any]
     n_concepts: int | None
+    follows: str | None  # the official run (script, settings) this row reproduces
 
 
 def rows_of(recipe: dict[str, Any]) -> list[Row]:
@@ -206,6 +208,7 @@ def rows_of(recipe: dict[str, Any]) -> list[Row]:
             method=str(r["method"]),
             settings=dict(r.get("settings") or {}),
             n_concepts=r.get("n_concepts"),
+            follows=r.get("follows"),
         )
         for r in recipe["rows"]
     ]
@@ -501,6 +504,7 @@ def notes_of(runs: list[Run], recipe: dict[str, Any], paper: pd.DataFrame) -> li
             "compare trends (orderings, rank agreement), not values."
         )
     notes += [str(n) for n in recipe.get("notes") or []]
+    notes += [f"{r.label} follows {r.follows}." for r in rows_of(recipe) if r.follows]
     not_run = [r.label for r in rows_of(recipe) if row_records(r, runs) is None]
     if not_run:
         notes.append(f"Rows not run (no run directory matches them): {', '.join(not_run)}.")
@@ -554,23 +558,33 @@ def compare(paths: list[Path], tables: Path = PAPER_TABLES) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fia_bench.compare",
-        description="A recipe's runs beside the paper's published numbers.",
-    )
+def report_cli(
+    prog: str, description: str, build: Callable[[list[Path]], str], argv: list[str] | None
+) -> int:
+    """The command line of a Markdown report made from run directories: print it, and with
+    ``--out`` also write it; a bad input is one line on stderr and exit status 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("runs", nargs="+", type=Path, help="run or multirun sweep directories")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
     args = parser.parse_args(argv)
     try:
-        text = compare(args.runs)
+        text = build(args.runs)
     except FiaBenchError as err:
-        print(f"fia_bench.compare: error: {err}", file=sys.stderr)
+        print(f"{prog.removeprefix('python -m ')}: error: {err}", file=sys.stderr)
         return 2
     if args.out:
         write_text(args.out, text)
     print(text, end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return report_cli(
+        "python -m fia_bench.compare",
+        "A recipe's runs beside the paper's published numbers.",
+        compare,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ RECIPE = {
     "paper": ["fia_table3_i2p_nudenet_sd14.csv"],
     "rows": [
         {"paper": "SD v1.4", "method": "none"},
-        {"paper": "FIA", "method": "fia", "settings": {"alpha": 0.6}},
+        {"paper": "FIA", "method": "fia", "settings": {"alpha": 0.6}, "follows": "FIA's script"},
         {"paper": None, "label": "FIA alpha 0.8", "method": "fia", "settings": {"alpha": 0.8}},
         {"paper": "UCE", "method": "uce"},
     ],
@@ -343,6 +343,7 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     report = compare([tmp_path])
     assert "Rows not run (no run directory matches them): UCE." in report
     assert "a protocol note" in report
+    assert "- FIA follows FIA's script." in report
     assert "ours are on `tiny_random`: compare trends" in report
     assert "Ours: model `tiny_random` (weights `base-weights`)" in report
     assert "| FIA | Belly | 1.00 (1) | 2 | -1 |" in report
