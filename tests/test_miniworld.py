@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
-from tiny import toy_recipe
+from tiny import tiny_engine, toy_recipe
 
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
@@ -94,6 +94,31 @@ def test_a_build_holds_no_pickle_and_an_export_replaces_the_weights_whole(
     with pytest.raises(OSError, match="disk full"):
         Builder(root / "build", out=weights, recipe_path=path).run(["export"])
     assert {p: p.read_bytes() for p in weights.rglob("*") if p.is_file()} == before
+
+
+def test_sublayer_ablation_restores_the_weights_and_zeroed_values_silence_the_text() -> None:
+    from fia_bench.miniworld.card import FAMILIES, sublayer_ablation
+
+    engine = tiny_engine()
+    before = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items()}
+    clip = load_clip({"arch": "tiny_random", "seed": 0}, "cpu")
+    out = sublayer_ablation(engine, clip, ["star", "ring"], ["a {concept}"], 1)
+    after = engine.pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {f"ablation_{f}_{m}" for f in FAMILIES for m in ("zeroed", "random5")} <= set(out)
+    # no cross-attention value: both prompts draw one picture from one seed, read as one class
+    assert out["ablation_attn2.to_v_zeroed"] == 50.0
+
+
+def test_sublayer_rows_of_a_build_in_progress(toy_world: tuple[Path, Path, Path]) -> None:
+    """The card's sublayer check runs on a build's generator as it stands: the early checkpoint
+    on which issue 16 asks to check the architecture before paying for the whole build."""
+    from fia_bench.miniworld.card import sublayers
+
+    root, path, _ = toy_world
+    out = sublayers(root / "build", images_per_prompt=1, objects=2, recipe_path=path)
+    assert out["ablation_images"] == 2 * 4  # two objects, the objects task's four templates
+    assert all(0 <= v <= 100 for k, v in out.items() if k.endswith(("_zeroed", "_random5")))
 
 
 def test_training_resumed_in_chunks_equals_uninterrupted(

@@ -249,6 +249,36 @@ def sublayer_ablation(
     return out
 
 
+def sublayers(
+    build: Path | None,
+    images_per_prompt: int,
+    objects: int | None,
+    recipe_path: Path | None = None,
+) -> dict[str, Any]:
+    """The card's sublayer rows alone, on the shipped weights or (``build``) on a build's
+    generator as it stands, judged by that build's mini CLIP: the check of issue 16 on an early
+    checkpoint, before paying for the full build."""
+    import fia_bench
+
+    cfg = fia_bench.compose(["model=mini"])
+    if build is None:
+        model = load_model(cfg.model, world_vocabulary("mini"), "cpu", "fp32")
+        pipe, clip = model.pipe, load_clip(dict(model.judges["clip"]), "cpu")
+        names = list(load_task("objects", "mini").concepts)
+    else:
+        from fia_bench.miniworld.train import Builder
+
+        builder = Builder(build, recipe_path=recipe_path)
+        pipe = builder.current_pipeline()
+        clip = load_clip({"arch": f"local-dir:{build / 'export' / 'clip'}"}, "cpu")
+        # the recipe's world lists its task objects first (datasets/data/<world>.yaml)
+        names = list(world(builder.world)["shapes"][:TASK_OBJECTS])
+    sampler = Sampler.from_config(cfg.sampler)
+    engine = Engine(pipe, sampler, int(cfg.model.resolution), "cpu", torch.float32)
+    templates = list(load_task("objects", "mini").templates)
+    return sublayer_ablation(engine, clip, names[:objects], templates, images_per_prompt)
+
+
 def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str, Any]:
     """Can the world show unlearning at all? UCE erases each of the first ten objects alone,
     through the harness (``fia_bench.run``); CLIP accuracy of the erased object and of all the
@@ -294,6 +324,7 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
 
 
 UCE_OBJECTS = 10  # erased one at a time by the card's UCE check
+TASK_OBJECTS = 50  # the second build's world lists its task objects first, then 10 held out
 
 # (card key, what it is, target as (">=" | "<=", bound) or None) in the order the card prints
 QUALITY_ROWS: list[tuple[str, str, tuple[str, float] | None]] = [

@@ -668,6 +668,21 @@ class Builder:
         shutil.rmtree(retired, ignore_errors=True)
         return True
 
+    def current_pipeline(self) -> Any:
+        """The pipeline as the build stands: the VAE, and the generator's latest checkpoint
+        (its EMA weights, as the export would take them), to measure an early generator."""
+        tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
+        latents_meta = load_tensors(self.build / "latents.safetensors")[1]
+        vae = build_vae(self.r, scaling_factor=latents_meta["scaling_factor"])
+        vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
+        unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
+        tensors, meta = load_tensors(self.build / "generator.state.safetensors")
+        state = nest(tensors, "ema") or nest(tensors, "modules")
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        print(f"[mini-world] generator at step {meta['step']}")
+        return assemble_pipeline(vae, text_encoder, tokenizer, unet).to(torch.float32)
+
     def run(self, stages: list[str]) -> bool:
         """Stages whose mark is in ``done.json`` are skipped; marks and times are re-read before
         each write, so independent stages may train in parallel processes."""
