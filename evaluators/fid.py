@@ -20,9 +20,10 @@ from PIL import Image
 
 from fia_bench.api import Evaluator, Score
 from fia_bench.backbones import load_clip
-from fia_bench.cache import atomic_write, stable_hash
+from fia_bench.cache import Damaged, atomic_write, hash_tensors, stable_hash
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.miniworld.judges import load_classifier, to_pixels
+from fia_bench.schema import Choice, Int, Schema, Text
 
 FEATURES = ("inception", "clip", "classifier")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -119,6 +120,9 @@ def torchmetrics_fid(features: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class FID(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(
+        features=Choice(*FEATURES), reference=Text(), batch_size=Int(ge=1)
+    )
     higher_is_better: ClassVar[dict[str, bool]] = {"fid": False, "fid_torchmetrics": False}
     set_level_metrics: ClassVar[frozenset[str]] = frozenset(higher_is_better)
     version: ClassVar[str] = "1"
@@ -180,7 +184,7 @@ class FID(Evaluator):
 
     def folder_features(self) -> torch.Tensor:
         """Features of a reference folder, computed once per (listing, feature net) and cached."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         listing = self.folder_listing()
         if not listing:
@@ -192,8 +196,28 @@ class FID(Evaluator):
             raise FiaBenchError("FID against a folder needs the harness cache")
         path = self.context.cache.path("fid_reference", key, ".safetensors")
         if path.exists():
-            return load_file(str(path))["features"]
+            try:
+                return verified_features(path)
+            except Damaged as err:
+                self.context.cache.set_aside([path], str(err))
         folder = Path(self.reference).expanduser()
-        features = self.features_of([Image.open(folder / name) for name, _ in listing])
-        atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp)))
+        features = self.features_of([Image.open(folder / name) for name, _ in listing]).contiguous()
+        digest = hash_tensors([("features", features)])
+        atomic_write(
+            path, lambda tmp: save_file({"features": features}, str(tmp), {"sha256": digest})
+        )
         return features
+
+
+def verified_features(path: Path) -> torch.Tensor:
+    """Cached reference features, re-hashed against the digest stored with them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            features, digest = f.get_tensor("features"), (f.metadata() or {}).get("sha256")
+    except Exception as err:  # safetensors raises its own error types for a bad file
+        raise Damaged(f"features unreadable ({type(err).__name__})") from err
+    if hash_tensors([("features", features)]) != digest:
+        raise Damaged("features do not match their recorded sha256")
+    return features

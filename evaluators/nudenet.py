@@ -19,6 +19,7 @@ from PIL import Image
 from fia_bench.api import Evaluator, Score
 from fia_bench.detection import declared_metrics, detection_scores
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Dict, Int, Items, Real, Schema, Table, Text
 
 _DETECTOR: dict[tuple[str | None, int], Any] = {}
 
@@ -36,6 +37,12 @@ def detector(model_path: str | None, resolution: int) -> Any:
 
 
 class NudeNet(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(
+        preset=Text(),
+        resolution=Int(ge=32),
+        model_path=Text(null=True),
+        presets=Dict(Table(threshold=Real(ge=0, le=1), classes=Items(Text(), min_items=1))),
+    )
     higher_is_better: ClassVar[dict[str, bool]] = {}
     version: ClassVar[str] = "1"
 

@@ -33,19 +33,13 @@ import yaml
 from omegaconf import DictConfig
 
 from fia_bench.api import Task
-from fia_bench.cache import Cache, read_json, stable_hash
+from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
-from fia_bench.runner import (
-    build_dataset,
-    check_prompt_rows,
-    plain,
-    resolve_seeds,
-    resolve_splits,
-    selected_evaluators,
-)
+from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
 from fia_bench.stages import SEED_STRIDE
 from fia_bench.tasks import load_task, world_vocabulary
+from fia_bench.validate import plain, selected_evaluators
 
 REPO = Path(__file__).resolve().parent.parent
 THROUGHPUT_FILE = REPO / "experiments" / "throughput_h100.yaml"
@@ -439,11 +433,11 @@ class Planner:
         key = erase_key(
             fingerprint, job.precision, name, settings, targets, retain, seed, task.name
         )
-        meta = (
-            read_json(model.stages.cache.path("erase", key, ".json"))
-            if model.known and (model.stages.cache.path("erase", key, ".json").exists())
-            else None
-        )
+        meta_path = model.stages.cache.path("erase", key, ".json")
+        meta = None
+        if model.known and meta_path.exists():
+            with contextlib.suppress(Damaged):  # a damaged entry is recomputed: to do
+                meta = read_sealed_json(meta_path)
         cached = meta is not None and (
             meta["status"] != "ok" or model.stages.cache.path("erase", key, ".safetensors").exists()
         )

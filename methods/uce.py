@@ -28,6 +28,7 @@ import torch
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import unknown_choice
+from fia_bench.schema import Choice, Flag, Real, Schema, Text
 
 VARIANTS = ("paper", "lasttoken")
 EXPANSIONS = {
@@ -37,6 +38,17 @@ EXPANSIONS = {
 
 
 class UCE(Method):
+    SETTINGS = Schema(
+        variant=Choice(*VARIANTS),
+        lamb=Real(ge=0),
+        erase_scale=Real(ge=0),
+        preserve_scale=Real(ge=0, null=True),
+        guide=Text(null=True),
+        preserve_retain=Flag(),
+        expand_prompts=Flag(),
+        concept_type=Choice(*EXPANSIONS),
+    )
+
     def __init__(
         self,
         variant: str = "paper",
