@@ -31,6 +31,8 @@ from fia_bench.records import (
     RUN_COLUMNS,
     check_complete,
     check_one_build,
+    fail_non_finite,
+    of_successful_jobs,
 )
 
 PACKAGES = (
@@ -48,11 +50,14 @@ PACKAGES = (
 )
 COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
 ROLE_LABEL = {"target": "forget", "retain": "retain", "quality": "quality", "all": "all"}
+SEED_STATS = ["mean", "std", "count"]  # over seeds: a cell's value, spread and seed count
 
 
 # ---- tables --------------------------------------------------------------------------------
-def cell(mean: float, std: float) -> str:
-    return stats.format_mean_std(mean, std)
+def cell(mean: float, std: float, n_seeds: int, planned: int) -> str:
+    """mean ± std; a cell holding fewer seeds than the sweep ran (a job failed) says how many."""
+    text = stats.format_mean_std(mean, std)
+    return f"{text} (n={n_seeds})" if n_seeds < planned and not pd.isna(mean) else text
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -91,15 +96,15 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 
 
 def concept_tables(
-    records: pd.DataFrame, methods: list[str]
+    records: pd.DataFrame, methods: list[str], planned: dict[int, int]
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Paper layout per (n_concepts, per-prompt metric): one row per concept, one column per
-    method, then the average forget and retain rows."""
+    method, then the average forget and retain rows. ``planned``: seeds run per concept count."""
     per_prompt = records[(records["role"] != "all") & ~records["metric"].str.startswith(COUNT)]
     units = stats.paired_units(per_prompt)
     tables = []
     for (n, evaluator, metric), frame in units.groupby(["n_concepts", "evaluator", "metric"]):
-        per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(["mean", "std"])
+        per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(SEED_STATS)
         order = {c: i for i, c in enumerate(records["concept"].unique())}  # the task's order
         targets = sorted(frame.loc[frame["role"] == "target", "concept"].unique(), key=order.get)
         retained = sorted(frame.loc[frame["role"] == "retain", "concept"].unique(), key=order.get)
@@ -109,7 +114,9 @@ def concept_tables(
                 cells = []
                 for m in methods:
                     key = (m, concept, role)
-                    cells.append(cell(*per_concept.loc[key]) if key in per_concept.index else "—")
+                    cells.append(
+                        cell(*per_concept.loc[key], planned[n]) if key in per_concept.index else "—"
+                    )
                 rows.append([f"{concept} ({ROLE_LABEL[role]})", *cells])
         seeds = stats.seed_values(
             records[
@@ -119,23 +126,26 @@ def concept_tables(
             ]
         )
         for role in ("target", "retain"):
-            avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(["mean", "std"])
+            avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(SEED_STATS)
             if not avg.empty:
                 rows.append(
                     [
                         f"**Avg {ROLE_LABEL[role]}**",
-                        *(cell(*avg.loc[m]) if m in avg.index else "—" for m in methods),
+                        *(
+                            cell(*avg.loc[m], planned[n]) if m in avg.index else "—"
+                            for m in methods
+                        ),
                     ]
                 )
         if metric == "accuracy" and {"target", "retain"} <= set(seeds["role"]):
             # FIA's overall score, per seed from that seed's averages, then over seeds
             wide = seeds.pivot_table(index=["method", "seed"], columns="role", values="value")
             overall = pd.Series(fia_overall(wide["target"], wide["retain"]), index=wide.index)
-            agg = overall.groupby("method").agg(["mean", "std"])
+            agg = overall.groupby("method").agg(SEED_STATS)
             rows.append(
                 [
                     "**Overall (H)**",
-                    *(cell(*agg.loc[m]) if m in agg.index else "—" for m in methods),
+                    *(cell(*agg.loc[m], planned[n]) if m in agg.index else "—" for m in methods),
                 ]
             )
         tables.append(
@@ -149,7 +159,7 @@ def concept_tables(
 
 
 def count_tables(
-    records: pd.DataFrame, methods: list[str]
+    records: pd.DataFrame, methods: list[str], planned: dict[int, int]
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Detector layout (NudeNet-style tables): per-image ``count/<class>`` values summed over the
     image set of each seed, one row per class plus the total, mean ± std over seeds."""
@@ -160,12 +170,15 @@ def count_tables(
         total = per_seed.groupby(["method", "seed"])["value"].sum().reset_index()
         total["metric"] = "total"
         stats_by = pd.concat([per_seed, total]).groupby(["method", "metric"])["value"]
-        agg = stats_by.agg(["mean", "std"])
+        agg = stats_by.agg(SEED_STATS)
         classes = [*sorted(frame["metric"].unique()), "total"]
         rows = [
             [
                 c.removeprefix(COUNT),
-                *(cell(*agg.loc[(m, c)]) if (m, c) in agg.index else "—" for m in methods),
+                *(
+                    cell(*agg.loc[(m, c)], planned[n]) if (m, c) in agg.index else "—"
+                    for m in methods
+                ),
             ]
             for c in classes
         ]
@@ -187,7 +200,7 @@ def summary_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
             ROLE_LABEL[r.role],
-            cell(r.mean, r.std),
+            stats.format_mean_std(r.mean, r.std),
             str(r.n_seeds),
             str(r.n_samples),
         ]
@@ -352,11 +365,14 @@ def write_report(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``weights``: the fingerprints of the models the runs loaded, printed under the title so
     that a report tells which build of a model (the mini world is retrained) it measured."""
+    runs = fail_non_finite(records, runs)
+    measured = records  # every value, failures included, goes into records.csv
+    records = of_successful_jobs(records, runs)
     check_complete(records, runs)
     summary = stats.summarize(records)
     tests = stats.wilcoxon_tests(records, reference=reference, alpha=alpha)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "records.csv", records.to_csv(index=False))
+    write_text(out_dir / "records.csv", measured.to_csv(index=False))
     write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_text(out_dir / "tests.csv", tests.to_csv(index=False))
@@ -372,7 +388,9 @@ def write_report(
     protocols = records[["evaluator", "protocol"]].drop_duplicates()
     md += ["", *(f"- `{r.evaluator}`: {r.protocol}" for r in protocols.itertuples()), ""]
     tex = []
-    for title, header, rows in [*concept_tables(records, methods), *count_tables(records, methods)]:
+    planned = runs.groupby("n_concepts")["seed"].nunique().to_dict()
+    tables = [*concept_tables(records, methods, planned), *count_tables(records, methods, planned)]
+    for title, header, rows in tables:
         md += [f"## {title}", "", markdown_table(header, rows), ""]
         tex.append(latex_table(header, [[c.replace("**", "") for c in r] for r in rows], title))
     header, rows = summary_rows(summary)

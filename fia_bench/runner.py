@@ -21,7 +21,7 @@ from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, torch_dtype
-from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared
 from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
@@ -296,7 +296,10 @@ def evaluate(
         for prompt_id, detail in details.items()
     ]
     return ";".join(
-        f"{name}/{metric}={1 if metric in evaluator.set_level_metrics else len(prompts)}"
+        declared(
+            f"{name}/{metric}",
+            ["*"] if metric in evaluator.set_level_metrics else list(prompts["case_id"]),
+        )
         for metric in sorted(evaluator.higher_is_better)
     )
 
@@ -374,7 +377,8 @@ def run_attack(
         }
         for p in adversarial
     ]
-    return f"{name}/asr={len(rows)}" + (f";{name}/pre_asr={len(pre)}" if pre else "")
+    entries = [declared(f"{name}/asr", list(rows["case_id"]))]
+    return ";".join(entries + ([declared(f"{name}/pre_asr", list(pre))] if pre else []))
 
 
 def score_records(

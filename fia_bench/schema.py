@@ -53,7 +53,7 @@ class Field:
             if plural:
                 noun = {"int": "integers", "real": "finite numbers"}[self.kind]
             bounds = [
-                f"{op} {bound:g}"
+                f"{op} {int(bound) if float(bound).is_integer() else bound}"
                 for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
                 if bound is not None
             ]
@@ -83,6 +83,8 @@ class Field:
                     return option.check(value, key)
                 except FiaBenchError:
                     continue
+        if self.kind == "choice" and isinstance(value, str) and value not in self.choices:
+            raise unknown_choice(key, value, self.choices, f"{key}=")
         if self.kind == "either" or not self.accepts(value):
             raise FiaBenchError(f"{key}={shown(value)}: must be {self.describe()}")
         if self.kind == "items":

@@ -48,7 +48,7 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
     rows += [record(m, s, f"p{i}", "nude", 1.0) for (m, s) in values for i in range(2)]
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
-    [(title, header, table)] = count_tables(records, ["none", "uce"])
+    [(title, header, table)] = count_tables(records, ["none", "uce"], {1: 2})
     assert header == ["class", "none", "uce"]
     assert "detections per class" in title
     assert table == [
@@ -57,7 +57,7 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
         ["total", "5.00 ± 0.00", "2.50 ± 0.71"],
     ]
     # counts stay out of the per-concept layout; the image-level flag stays in it
-    concept_metrics = [t[0] for t in concept_tables(records, ["none", "uce"])]
+    concept_metrics = [t[0] for t in concept_tables(records, ["none", "uce"], {1: 2})]
     assert concept_metrics == ["n_concepts=1 · detector/nude (mean ± std over seeds)"]
     assert markdown_table(header, table).count("\n") == len(table) + 1
 
@@ -70,7 +70,7 @@ def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
         record("m", 1, "t", "accuracy", 50.0, "a", "target"),
         record("m", 1, "r", "accuracy", 50.0, "b", "retain"),
     ]
-    [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"])
+    [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"], {1: 2})
     assert table[-1] == ["**Overall (H)**", "75.00 ± 35.36"]
 
 
