@@ -27,11 +27,12 @@ def unknown_choice(kind: str, name: str, choices: Iterable[str], where: str = ""
 def crash_line(err: BaseException, folder: Path) -> str:
     """An unexpected error as one line; its full trace goes to ``folder/error.log`` (or, where
     that cannot be written, to a log file in the system temp folder) named in the line."""
+    from fia_bench.cache import write_text
+
     trace = "".join(traceback.format_exception(err))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         log = folder / "error.log"
-        log.write_text(trace, encoding="utf-8")
+        write_text(log, trace)
     except OSError:
         with tempfile.NamedTemporaryFile(
             "w", prefix="fia_bench-error-", suffix=".log", delete=False, encoding="utf-8"

@@ -16,14 +16,15 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import pandas as pd
 
 from fia_bench import stats
-from fia_bench.cache import Cache, read_json, write_json, write_text
+from fia_bench.cache import Cache, atomic_write, read_json, write_json, write_text
 from fia_bench.composite import fia_overall
-from fia_bench.errors import FiaBenchError
+from fia_bench.errors import FiaBenchError, crash_line
 from fia_bench.loggers import log_run
 from fia_bench.records import (
     JOB_KEYS,
@@ -277,7 +278,9 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    )
     plt.close(fig)
 
 
@@ -320,7 +323,7 @@ def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts
             if found is not None:
                 img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
                 grid.paste(img, (label_w + j * tile, head_h + i * tile))
-    grid.save(path, format="PNG")
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 # ---- provenance ----------------------------------------------------------------------------
@@ -495,18 +498,18 @@ def load_runs(
             if not (d / name).is_file():
                 raise FiaBenchError(f"{d} is not a fia_bench run directory (no {name})")
         records.append(
-            pd.read_csv(
+            read_run_table(
                 d / "records.csv",
-                keep_default_na=False,
+                RECORD_COLUMNS,
                 na_values=[""],
                 dtype={"prompt_id": str, "image_key": str},
             )
         )
-        runs.append(pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[]))
-        manifest = read_json(d / "manifest.json")
-        caches.append(Cache(manifest["config"]["cache_dir"]))
-        configs[str(d)] = manifest["config"]
-        weights.append(manifest["inputs"]["model_weights"])
+        runs.append(read_run_table(d / "runs.csv", RUN_COLUMNS, na_values=[]))
+        config, model_weights = read_manifest(d / "manifest.json")
+        caches.append(Cache(config["cache_dir"]))
+        configs[str(d)] = config
+        weights.append(model_weights)
     check_one_build(
         [
             (str(d), model, w)
@@ -530,8 +533,69 @@ def load_runs(
     return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
 
 
+INTEGER_COLUMNS = ("n_concepts", "seed")
+
+
+def read_run_table(path: Path, columns: list[str], **options: Any) -> pd.DataFrame:
+    """A run's CSV table with its columns and their types checked: a damaged or hand-edited file
+    ends in one line naming the file, the row and what is wrong, never in a pandas trace."""
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, **options)
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise FiaBenchError(f"{path}: not a readable CSV table ({str(err).strip()})") from err
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise FiaBenchError(f"{path}: missing column(s) {', '.join(missing)}")
+    numeric = [*INTEGER_COLUMNS, "value"] if "value" in columns else list(INTEGER_COLUMNS)
+    for column in numeric:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        blank = frame[column].isna() | (frame[column].astype(str) == "")
+        wrong = values.isna() & ~(blank & (column == "value"))
+        if column in INTEGER_COLUMNS:
+            wrong |= ~np.isfinite(values.fillna(0)) | (values.fillna(0) % 1 != 0)
+            wrong |= (values.abs() >= 2**62) & values.notna()
+        if wrong.any():
+            row = int(np.flatnonzero(wrong.to_numpy())[0])
+            kind = "an integer" if column in INTEGER_COLUMNS else "a number"
+            raise FiaBenchError(
+                f"{path}:{row + 2}: {column}={str(frame[column].iloc[row])!r} is not {kind}"
+            )
+        frame[column] = values.astype(int) if column in INTEGER_COLUMNS else values.astype(float)
+    if "higher_is_better" in columns:
+        flags = frame["higher_is_better"].astype(str)
+        wrong = ~flags.isin(["True", "False"])
+        if wrong.any():
+            row = int(np.flatnonzero(wrong.to_numpy())[0])
+            raise FiaBenchError(
+                f"{path}:{row + 2}: higher_is_better={flags.iloc[row]!r} is not True or False"
+            )
+        frame["higher_is_better"] = flags == "True"
+    return frame
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """(resolved config, model weights fingerprint) of a run's manifest."""
+    try:
+        manifest = read_json(path)
+        config, weights = manifest["config"], manifest["inputs"]["model_weights"]
+        str(config["cache_dir"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FiaBenchError(f"{path}: not JSON ({err})") from err
+    except (KeyError, TypeError) as err:
+        raise FiaBenchError(f"{path}: not a fia_bench manifest (no {err})") from err
+    return config, str(weights)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in the one-line form of every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m fia_bench.report",
         description="Merge fia_bench run directories into one report.",
     )
@@ -547,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the report's markdown here, its figure links pointing into --out",
     )
     args = parser.parse_args(argv)
+    if not (0 < args.alpha < 1):
+        parser.error(f"--alpha {args.alpha}: must be a number > 0 and < 1")
+    if args.grid_prompts < 0:
+        parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
         records, runs, caches, configs, weights = load_runs(args.runs)
         records = records.sort_values(
@@ -570,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     except FiaBenchError as err:
         print(f"fia_bench.report: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        print(f"fia_bench.report: {crash_line(err, args.out)}", file=sys.stderr)
+        return 1
     text = (args.out / "report.md").read_text(encoding="utf-8")
     if args.markdown:
         write_text(args.markdown, relocated(text, args.out, args.markdown))
