@@ -58,7 +58,7 @@ SEED_STATS = ["mean", "std", "count"]  # over seeds: a cell's value, spread and 
 def cell(mean: float, std: float, n_seeds: int, planned: int) -> str:
     """mean ± std; a cell holding fewer seeds than the sweep ran (a job failed) says how many."""
     text = stats.format_mean_std(mean, std)
-    return f"{text} (n={n_seeds})" if n_seeds < planned and not pd.isna(mean) else text
+    return f"{text} (n={int(n_seeds)})" if n_seeds < planned and not pd.isna(mean) else text
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
