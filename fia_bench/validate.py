@@ -81,9 +81,12 @@ def selected_evaluators(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return dict(sorted(selected.items()))
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ``FiaBenchError`` on the first bad value of ``cfg``; import no weights."""
-    TOP.check({k: value(cfg.get(k)) for k in TOP.fields if k in cfg}, "")
+def check_config(cfg: DictConfig, machine: bool = True) -> None:
+    """Raise ``FiaBenchError`` on the first bad value of ``cfg``; import no weights. ``machine``:
+    also check this machine's side (the device exists, the directories are writable)."""
+    folders = ("out_dir", "cache_dir")  # a plan's config may not resolve them (Hydra's run dir)
+    keys = [k for k in TOP.fields if k in cfg and (machine or k not in folders)]
+    TOP.check({k: value(cfg.get(k)) for k in keys}, "")
     seeds = value(cfg.seeds)
     if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
         raise FiaBenchError(f"seeds={seeds}: a seed is listed twice; seeds must be distinct")
@@ -108,9 +111,10 @@ def check_config(cfg: DictConfig) -> None:
                 f"attack.{name}.judge.evaluator={judge.get('evaluator')!r}: add it to "
                 f"evaluator=[...] (selected: {', '.join(evaluators) or 'none'})"
             )
-    check_device(str(cfg.device))
-    for key in ("out_dir", "cache_dir"):
-        check_writable(key, Path(str(cfg[key])).expanduser())
+    if machine:
+        check_device(str(cfg.device))
+        for key in folders:
+            check_writable(key, Path(str(cfg[key])).expanduser())
 
 
 def check_plugin_name(registry: Registry, name: str, where: str) -> type:
