@@ -143,7 +143,8 @@ def check_overrides(argv: list[str]) -> None:
     conf = Path(CONFIG_DIR)
     refuse_code(argv)
     check_local_configs(conf)
-    parse_error([a for a in argv if not a.startswith("-")])
+    # only key=value words: flags take values of their own (--cfg job)
+    parse_error([a for a in argv if "=" in a and not a.startswith("-")])
     slots = default_slots(conf / "config.yaml")
     selections, settings = [], []
     for arg in argv:
