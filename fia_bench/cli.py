@@ -217,4 +217,7 @@ def main() -> None:
     except HydraException as err:  # composition errors: the first line says what is wrong
         print(f"fia_bench: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        print(f"fia_bench: {crash_line(err, None)}", file=sys.stderr)
+        sys.exit(1)
     hydra_entry()

@@ -24,13 +24,16 @@ def unknown_choice(kind: str, name: str, choices: Iterable[str], where: str = ""
     )
 
 
-def crash_line(err: BaseException, folder: Path) -> str:
-    """An unexpected error as one line; its full trace goes to ``folder/error.log`` (or, where
-    that cannot be written, to a log file in the system temp folder) named in the line."""
+def crash_line(err: BaseException, folder: Path | None) -> str:
+    """An unexpected error as one line; its full trace goes to ``folder/error.log`` (or, with no
+    folder or one that cannot be written, to a log file in the system temp folder) named in the
+    line."""
     from fia_bench.cache import write_text
 
     trace = "".join(traceback.format_exception(err))
     try:
+        if folder is None:
+            raise OSError
         log = folder / "error.log"
         write_text(log, trace)
     except OSError:

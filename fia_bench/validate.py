@@ -42,7 +42,23 @@ SAMPLER = Schema(
 )
 ENGINE = Schema(batch_size=Either(Choice(AUTO), Int(ge=1)), channels_last=Flag(), compile=Flag())
 REPORT = Schema(grid_prompts=Int(ge=0), alpha=Real(gt=0, lt=1))
-PLUGIN_NODE = Schema(name=Text(), dataset=Text(), settings=Dict(null=True), roles=Items(Text()))
+ROLES = ("target", "retain", "quality")
+PLUGIN_NODE = Schema(
+    name=Text(), dataset=Text(), settings=Dict(null=True), roles=Items(Choice(*ROLES))
+)
+MODEL = Schema(
+    name=Text(),
+    weights=Choice("pretrained", "random"),
+    architecture=Text(),
+    source=Text(),
+    revision=Text(null=True),
+    world=Text(),
+    detector=Text(null=True),
+    fid_features=Text(),
+    resolution=Int(ge=8),
+    seed=Int(ge=0),
+    judges=Dict(Dict()),
+)
 JUDGE = Schema(evaluator=Text(), metric=Text())
 
 
@@ -90,7 +106,8 @@ def check_config(cfg: DictConfig, machine: bool = True) -> None:
     seeds = value(cfg.seeds)
     if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
         raise FiaBenchError(f"seeds={seeds}: a seed is listed twice; seeds must be distinct")
-    for name, schema in (("sampler", SAMPLER), ("engine", ENGINE), ("report", REPORT)):
+    sections = (("model", MODEL), ("sampler", SAMPLER), ("engine", ENGINE), ("report", REPORT))
+    for name, schema in sections:
         schema.check(plain(cfg[name]), name)
     logger = str(cfg.logger.get("name"))
     Choice(*LOGGERS).check(logger, "logger.name")

@@ -58,6 +58,9 @@ CLI_CASES = [
     (["seed_policy=sometimes"], "valid choices: erase, erase_and_generate"),
     (["precision=fp8"], "unknown precision 'fp8'"),
     (["logger.name=slack"], "unknown logger.name 'slack'"),
+    (["model.resolution=abc"], "model.resolution='abc': must be an integer >= 8"),
+    (["model.weights=maybe"], "unknown model.weights 'maybe'"),
+    (["+evaluator.clip_accuracy.roles=[forget]"], "unknown evaluator.clip_accuracy.roles[0]"),
     # devices and folders
     (["device=gpu"], "device='gpu': valid devices are cpu, cuda and cuda:N"),
     (["device=cuda:x"], "valid devices are cpu, cuda and cuda:N"),
@@ -321,3 +324,32 @@ def test_bad_report_input_fails_in_one_line(
 def test_the_valid_report_run_merges(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert report_main([str(write_run(tmp_path / "run")), "--out", str(tmp_path / "out")]) == 0
     assert "uce" in capsys.readouterr().out
+
+
+def test_an_unforeseen_error_is_one_line_naming_its_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fia_bench import cli
+
+    def broken(cfg: object) -> None:
+        raise RuntimeError("something nobody foresaw\nsecond line")
+
+    monkeypatch.setattr(runner, "run", broken)
+    argv = ["fia_bench", "model=tiny_random", f"hydra.run.dir={tmp_path}", f"out_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    log = tmp_path / "error.log"
+    assert err == (
+        f"fia_bench: internal error: RuntimeError: something nobody foresaw (full trace in {log})"
+    )
+    assert "Traceback" in log.read_text() and "second line" in log.read_text()
