@@ -156,7 +156,7 @@ class Cache:
         path = self.path(stage, key, ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as any file
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
