@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fia_bench.cli import CONFIG_DIR
 from fia_bench.engine import AUTO, SCHEDULERS
@@ -100,6 +101,13 @@ def selected_evaluators(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 def check_config(cfg: DictConfig, machine: bool = True) -> None:
     """Raise ``FiaBenchError`` on the first bad value of ``cfg``; import no weights. ``machine``:
     also check this machine's side (the device exists, the directories are writable)."""
+    try:
+        check_values(cfg, machine)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise FiaBenchError(str(err).strip().splitlines()[0]) from err
+
+
+def check_values(cfg: DictConfig, machine: bool) -> None:
     folders = ("out_dir", "cache_dir")  # a plan's config may not resolve them (Hydra's run dir)
     keys = [k for k in TOP.fields if k in cfg and (machine or k not in folders)]
     TOP.check({k: value(cfg.get(k)) for k in keys}, "")

@@ -58,6 +58,7 @@ CLI_CASES = [
     (["seed_policy=sometimes"], "valid choices: erase, erase_and_generate"),
     (["precision=fp8"], "unknown precision 'fp8'"),
     (["logger.name=slack"], "unknown logger.name 'slack'"),
+    (["seeds=${oc.env:FIA_BENCH_NO_SUCH_VARIABLE}"], "FIA_BENCH_NO_SUCH_VARIABLE"),
     (["model.resolution=abc"], "model.resolution='abc': must be an integer >= 8"),
     (["model.weights=maybe"], "unknown model.weights 'maybe'"),
     (["+evaluator.clip_accuracy.roles=[forget]"], "unknown evaluator.clip_accuracy.roles[0]"),
