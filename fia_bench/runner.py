@@ -239,11 +239,6 @@ def build_attacks(cfg: DictConfig, evaluators: dict[str, Evaluator]) -> dict[str
         settings = plain(node.get("settings"))
         judge_cfg = plain(node.get("judge"))
         judge_name, metric = str(judge_cfg.get("evaluator")), str(judge_cfg.get("metric"))
-        if judge_name not in evaluators:
-            raise FiaBenchError(
-                f"attack {name} is judged by evaluator '{judge_name}': add it to "
-                f"evaluator=[...] (selected: {', '.join(evaluators)})"
-            )
         if metric not in evaluators[judge_name].higher_is_better:
             raise unknown_choice(
                 f"success metric of {judge_name}",
