@@ -320,9 +320,13 @@ def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts
                 ),
                 None,
             )
-            if found is not None:
+            if found is None:
+                continue
+            try:
                 img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
-                grid.paste(img, (label_w + j * tile, head_h + i * tile))
+            except (OSError, SyntaxError):  # a damaged image: its tile stays blank
+                continue
+            grid.paste(img, (label_w + j * tile, head_h + i * tile))
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
