@@ -23,7 +23,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fia_bench import artifacts, distributed
-from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, EraseRequest, Evaluator, Task
+from fia_bench.api import (
+    AdversarialPrompt,
+    Attack,
+    AttackRequest,
+    EraseRequest,
+    Evaluator,
+    Method,
+    Task,
+)
 from fia_bench.cache import Cache, atomic_write, read_json, stable_hash, write_json
 from fia_bench.engine import Engine
 from fia_bench.errors import FiaBenchError
@@ -90,9 +98,18 @@ def timed(stage: str) -> Callable:
 
 class Stages:
     def __init__(
-        self, model: LoadedModel, engine: Engine, cache: Cache, task: Task, precision: str
+        self,
+        model: LoadedModel,
+        engine: Engine,
+        cache: Cache,
+        task: Task,
+        precision: str,
+        instances: dict[str, Method] | None = None,
     ) -> None:
+        """``instances``: Method objects handed in from Python, by job name (registry
+        plugins are built from their settings instead)."""
         self.model = model
+        self.instances = instances or {}
         self.engine = engine
         self.cache = cache
         self.task = task
@@ -159,7 +176,9 @@ class Stages:
         metadata marks the entry complete)."""
         meta_path = self.cache.path("erase", key, ".json")
         delta_path = self.cache.path("erase", key, ".safetensors")
-        method = METHODS.get(job.method, "method.name")(**job.settings)
+        method = self.instances.get(job.method) or METHODS.get(job.method, "method.name")(
+            **job.settings
+        )
         torch.manual_seed(job.seed)
         request = EraseRequest(
             job.targets, job.retain, job.seed, self.task, self.engine, self.base_images
