@@ -43,6 +43,34 @@ from fia_bench.registry import METHODS
 SEED_STRIDE = 1_000_003
 
 
+def erase_key(
+    fingerprint: str,
+    precision: str,
+    method: str,
+    settings: dict[str, Any],
+    targets: tuple[str, ...],
+    retain: tuple[str, ...],
+    seed: int,
+    task: str,
+    inputs: dict[str, Any] | None = None,
+) -> str:
+    """The erase stage's cache key (also computed by the dry run's plan). ``inputs``: content
+    hashes of files the method reads (``Method.input_fingerprint``); keys of methods that read
+    none are as before it existed."""
+    fields = {
+        "stage": "erase",
+        "model": fingerprint,
+        "precision": precision,
+        "method": method,
+        "settings": settings,
+        "targets": targets,
+        "retain": retain,
+        "seed": seed,
+        "task": task,
+    }
+    return stable_hash(fields | ({"inputs": inputs} if inputs else {}))
+
+
 @dataclass(frozen=True)
 class Job:
     method: str
@@ -126,18 +154,18 @@ class Stages:
     # ---- erase -----------------------------------------------------------------------------
     @timed("erase")
     def erase(self, job: Job) -> Erased:
-        key = stable_hash(
-            {
-                "stage": "erase",
-                "model": self.model.fingerprint,
-                "precision": self.precision,
-                "method": job.method,
-                "settings": job.settings,
-                "targets": job.targets,
-                "retain": job.retain,
-                "seed": job.seed,
-                "task": self.task.name,
-            }
+        method = self.instances.get(job.method)
+        plugin = type(method) if method is not None else METHODS.get(job.method, "method.name")
+        key = erase_key(
+            self.model.fingerprint,
+            self.precision,
+            job.method,
+            job.settings,
+            job.targets,
+            job.retain,
+            job.seed,
+            self.task.name,
+            plugin.input_fingerprint(job.settings),
         )
 
         def compute() -> Erased:

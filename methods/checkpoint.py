@@ -11,6 +11,7 @@ names, bare (the UNet's) or prefixed with the component (``unet.``, ``text_encod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -30,11 +31,19 @@ LORA_KEY = re.compile(r"^(?P<target>.+?)\.(?:lora_(?P<peft>[AB])|lora\.(?P<old>d
 
 
 def file_sha256(paths: list[Path], root: Path) -> str:
-    """sha256 of one file, or of a folder's loaded files (relative name, then bytes, in order)."""
+    """sha256 of one file, or of a folder's loaded files (relative name, then bytes, in order);
+    read once per process while the files keep their size and modification time."""
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    return _sha256(stats, str(root))
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(stats: tuple[tuple[str, int, int], ...], root: str) -> str:
+    paths = [Path(s[0]) for s in stats]
     digest = hashlib.sha256()
     for path in paths:
         if len(paths) > 1:
-            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.relative_to(Path(root)).as_posix().encode())
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -64,6 +73,12 @@ class Checkpoint(Method):
         if not self.path.exists():
             raise FiaBenchError(f"method.settings.path={path}: no such file or folder")
         self.lora_scale = float(lora_scale)
+
+    @classmethod
+    def input_fingerprint(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        checkpoint = cls(**settings)
+        _, files = checkpoint.kind()
+        return {"sha256": file_sha256(files, checkpoint.path)}
 
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         pipe = request.engine.pipe

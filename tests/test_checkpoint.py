@@ -94,3 +94,11 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     torch.save({KEY: torch.zeros(3)}, tmp_path / "shape.pt")
     with pytest.raises(FiaBenchError, match="has shape \\(3,\\)"):
         erase(tmp_path / "shape.pt")
+
+
+def test_a_file_replaced_in_place_is_a_new_edit(tmp_path: Path) -> None:
+    path = write_state_dict(tmp_path)
+    before = Checkpoint.input_fingerprint({"path": str(path)})
+    torch.save({KEY: edited_weight() * 2}, path)
+    after = Checkpoint.input_fingerprint({"path": str(path)})
+    assert before["sha256"] != after["sha256"] == file_sha256([path], path)
