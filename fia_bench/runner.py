@@ -5,6 +5,7 @@ notebooks get the same results as the command line."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -111,7 +112,20 @@ def plain(node: Any) -> dict[str, Any]:
 
 
 def build_dataset(node: DictConfig, where: str, cache: Cache) -> PromptDataset:
-    dataset = DATASETS.get(str(node.dataset), f"{where}.dataset")(**plain(node.get("settings")))
+    cls = DATASETS.get(str(node.dataset), f"{where}.dataset")
+    settings = plain(node.get("settings"))
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        for key in settings:
+            if key not in accepted:
+                # e.g. preset=smoke's per_concept, a template setting, on I2P
+                raise unknown_choice(
+                    f"setting of dataset {node.dataset}",
+                    key,
+                    [k for k in accepted if k != "self"],
+                    f"{where}.settings",
+                )
+    dataset = cls(**settings)
     dataset.cache = cache
     return dataset
 

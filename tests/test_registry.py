@@ -37,11 +37,7 @@ def test_every_evaluator_config_is_registered_and_vice_versa() -> None:
 
 def test_every_task_config_uses_a_registered_dataset() -> None:
     for path in (CONF / "task").glob("*.yaml"):
-        task = yaml.safe_load(path.read_text())
-        # a task whose prompts differ by world (explicit: I2P on SD) lists them under worlds
-        for prompts in [task["prompts"], *(task.get("worlds") or {}).values()]:
-            if isinstance(prompts, dict):
-                DATASETS.get(prompts["dataset"])
+        DATASETS.get(yaml.safe_load(path.read_text())["prompts"]["dataset"])
 
 
 def test_unknown_name_lists_choices_and_nearest_match() -> None:

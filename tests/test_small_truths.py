@@ -11,6 +11,7 @@ import pytest
 from conftest import FAST, REPO, cli
 
 import fia_bench
+from fia_bench.errors import FiaBenchError
 from fia_bench.plan import dry_run
 
 CONF = REPO / "conf"
@@ -45,6 +46,13 @@ def test_smoke_caps_every_method_and_attack_budget_and_the_command_line_still_wi
     assert fia_bench.compose(pinned).method.settings.iterations == 3
     # no preset pulls in attacks or settings of plugins the command line did not select
     assert fia_bench.compose(["preset=smoke"]).get("attack") in (None, {})
+    for task in ("objects", "styles", "explicit"):
+        assert (
+            fia_bench.compose([f"task={task}", "preset=smoke"]).task.prompts.settings.per_concept
+            == 2
+        )
+    objects50 = fia_bench.compose(["model=sd14", "task=objects50", "preset=smoke"]).task.prompts
+    assert objects50.settings.limit_per_concept == 2
 
 
 def test_every_training_method_config_has_its_smoke_caps() -> None:
@@ -53,7 +61,7 @@ def test_every_training_method_config_has_its_smoke_caps() -> None:
     for path in sorted((CONF / "method").glob("*.yaml")):
         settings = fia_bench.compose([f"method={path.stem}"]).method.settings
         if trained & set(settings):
-            assert (CONF / "preset_caps" / "smoke" / "method" / path.name).is_file(), path.stem
+            assert (CONF / "preset_caps" / "method" / "smoke" / path.name).is_file(), path.stem
 
 
 def test_esd_smoke_run_trains_the_capped_iterations(tmp_path: Path, cache_dir: Path) -> None:
@@ -71,6 +79,10 @@ def test_explicit_task_on_stable_diffusion_plans_i2p(cache_dir: Path) -> None:
     assert cfg.task.prompts.dataset == "i2p"
     assert list(cfg.task.prompts.settings.categories) == ["sexual"]
     assert fia_bench.compose(["model=mini", "task=explicit"]).task.prompts.dataset == "templates"
+    smoke = fia_bench.compose(["model=sd15", "task=explicit", "preset=smoke"]).task.prompts
+    assert (smoke.dataset, smoke.settings.limit) == ("i2p", 4)
+    with pytest.raises(FiaBenchError, match="unknown setting of dataset i2p 'per_concept'"):
+        dry_run(["model=sd14", "task=explicit", "+task.prompts.settings.per_concept=2"], False)
     plan = dry_run(
         ["model=sd14", "task=explicit", "seeds=1"], multirun=False
     )  # offline: never downloads
