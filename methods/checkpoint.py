@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -90,16 +91,22 @@ class Checkpoint(Method):
         elif kind == "pipeline":
             from safetensors.torch import load_file
 
-            changed = 0
-            for path in files:
-                component = path.parent.name
-                changed += self.load(pipe, {component: load_file(str(path))})
+            by_component: dict[str, dict[str, torch.Tensor]] = {}
+            for path in files:  # a component may be sharded over several files
+                by_component.setdefault(path.parent.name, {}).update(load_file(str(path)))
+            changed = self.load(pipe, by_component)
         elif kind == "safetensors":
             from safetensors.torch import load_file
 
             changed = self.load(pipe, split_components(load_file(str(files[0]))))
         else:
-            state = torch.load(files[0], map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(files[0], map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError) as err:
+                raise FiaBenchError(
+                    f"method.settings.path={self.path}: torch.load(weights_only=True) refuses "
+                    f"it ({str(err).splitlines()[0]}); save a plain state dict of tensors"
+                ) from err
             if not isinstance(state, dict) or not all(
                 isinstance(v, torch.Tensor) for v in state.values()
             ):

@@ -91,6 +91,10 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(FiaBenchError, match="1 key\\(s\\) match no unet weight") as err:
         erase(tmp_path / "ldm.pt")
     assert "\n" not in str(err.value)
+    torch.save({"state_dict": {KEY: edited_weight()}, "step": object()}, tmp_path / "pickled.pt")
+    with pytest.raises(FiaBenchError, match="weights_only=True\\) refuses it") as err:
+        erase(tmp_path / "pickled.pt")
+    assert "\n" not in str(err.value)
     torch.save({KEY: torch.zeros(3)}, tmp_path / "shape.pt")
     with pytest.raises(FiaBenchError, match="has shape \\(3,\\)"):
         erase(tmp_path / "shape.pt")
