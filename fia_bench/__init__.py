@@ -9,11 +9,12 @@ Python use (same code path as the command line)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from fia_bench.api import Method
     from fia_bench.runner import RunResult
 
 __all__ = ["compose", "run"]
@@ -51,8 +52,19 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 
 
-def run(overrides: list[str] | None = None, out_dir: str | None = None) -> RunResult:
-    """Run one job from Python; ``out_dir`` replaces Hydra's dated run directory."""
+def run(
+    overrides: list[str] | None = None,
+    out_dir: str | None = None,
+    method: Method | None = None,
+    pipeline: Any = None,
+) -> RunResult:
+    """Run one job from Python; ``out_dir`` replaces Hydra's dated run directory.
+
+    ``method``: a ``Method`` object to evaluate instead of ``method=`` (its job is named by its
+    class, lower-cased; its erase cache key by its class and attributes). ``pipeline``: an
+    already-loaded ``StableDiffusionPipeline`` to use instead of loading ``model=`` (the config
+    still names its world, resolution and judges), as lm-evaluation-harness's
+    ``simple_evaluate`` takes a model object."""
     from omegaconf import open_dict
 
     from fia_bench.runner import run as run_config
@@ -60,4 +72,4 @@ def run(overrides: list[str] | None = None, out_dir: str | None = None) -> RunRe
     cfg = compose(overrides)
     with open_dict(cfg):
         cfg.out_dir = out_dir or "outputs/python"
-    return run_config(cfg)
+    return run_config(cfg, method, pipeline)

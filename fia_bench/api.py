@@ -79,6 +79,12 @@ class Method:
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         raise NotImplementedError
 
+    @classmethod
+    def input_fingerprint(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Content hashes of the files the settings name (``checkpoint``'s weights), added to
+        the erase cache key so that a file replaced in place is a new edit; none by default."""
+        return {}
+
 
 @dataclass(frozen=True)
 class EvalContext:

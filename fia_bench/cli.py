@@ -193,7 +193,17 @@ DRY_RUN = "--dry-run"
 MULTIRUN = ("-m", "--multirun")
 
 
+def run_dir_from_out_dir(argv: list[str]) -> list[str]:
+    """A single run given ``out_dir=`` runs in it: Hydra would otherwise also create (and leave
+    empty but for its ``.hydra`` files) a dated ``outputs/<date>/<time>/`` folder."""
+    if any(a in MULTIRUN for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    out_dirs = [a.partition("=")[2] for a in argv if a.startswith("out_dir=")]
+    return [*argv, f"hydra.run.dir={out_dirs[-1]}"] if out_dirs else argv
+
+
 def main() -> None:
+    sys.argv[1:] = run_dir_from_out_dir(sys.argv[1:])
     argv = sys.argv[1:]
     if DRY_RUN in argv:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: a plan never downloads

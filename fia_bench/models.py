@@ -236,6 +236,13 @@ def load_model(cfg: Any, vocabulary: Iterable[str], device: str, precision: str)
         raise unknown_choice(
             "model weights", cfg.weights, ["pretrained", "random"], "model.weights"
         )
+    return prepared_model(pipe, cfg, device, precision)
+
+
+def prepared_model(pipe: Any, cfg: Any, device: str, precision: str) -> LoadedModel:
+    """A pipeline (loaded here or handed in from Python) on the run's device and dtype, frozen,
+    with the weight fingerprint every cache key starts from; ``cfg`` names its world and judges."""
+    dtype = torch_dtype(precision)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if pipe.unet.dtype != dtype:

@@ -36,8 +36,9 @@ from fia_bench.api import Task
 from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
+from fia_bench.registry import METHODS
 from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
-from fia_bench.stages import SEED_STRIDE
+from fia_bench.stages import SEED_STRIDE, erase_key
 from fia_bench.tasks import load_task, world_vocabulary
 from fia_bench.validate import check_config, plain, selected_evaluators
 
@@ -223,32 +224,6 @@ def offline() -> Iterator[None]:
 
 
 # ---- keys the stages compute -------------------------------------------------------------------
-def erase_key(
-    fingerprint: str,
-    precision: str,
-    method: str,
-    settings: dict[str, Any],
-    targets: tuple[str, ...],
-    retain: tuple[str, ...],
-    seed: int,
-    task: str,
-) -> str:
-    """The erase stage's cache key (``Stages.erase``), from the same fields."""
-    return stable_hash(
-        {
-            "stage": "erase",
-            "model": fingerprint,
-            "precision": precision,
-            "method": method,
-            "settings": settings,
-            "targets": targets,
-            "retain": retain,
-            "seed": seed,
-            "task": task,
-        }
-    )
-
-
 @dataclass
 class ModelIdentity:
     """The loaded model's stages (for real keys), or why the model could not be loaded."""
@@ -431,8 +406,9 @@ class Planner:
         (the base model's, or a cached edit's) rather than a stand-in unique to the edit, or
         None for a cached failed edit (the runner generates nothing for it)."""
         fingerprint = model.stages.model.fingerprint if model.known else ""
+        inputs = METHODS.get(name, "method=").input_fingerprint(settings)
         key = erase_key(
-            fingerprint, job.precision, name, settings, targets, retain, seed, task.name
+            fingerprint, job.precision, name, settings, targets, retain, seed, task.name, inputs
         )
         meta = None
         if model.known and model.stages.cache.path("erase", key, ".json").exists():

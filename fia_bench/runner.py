@@ -16,13 +16,21 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fia_bench import distributed, report
-from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, PromptDataset, Task
+from fia_bench.api import (
+    PROMPT_COLUMNS,
+    Attack,
+    EvalContext,
+    Evaluator,
+    Method,
+    PromptDataset,
+    Task,
+)
 from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
-from fia_bench.models import load_model, torch_dtype
+from fia_bench.models import load_model, prepared_model, torch_dtype
 from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared
-from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS
+from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
 from fia_bench.validate import check_config, plain, selected_evaluators
@@ -78,6 +86,7 @@ def resolve_splits(
 
 
 def build_dataset(node: DictConfig, where: str, cache: Cache) -> PromptDataset:
+    # its settings were checked against the dataset's SETTINGS before anything loaded
     dataset = DATASETS.get(str(node.dataset), f"{where}.dataset")(**plain(node.get("settings")))
     dataset.cache = cache
     return dataset
@@ -95,14 +104,23 @@ def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluat
     return out
 
 
-def run(cfg: DictConfig) -> RunResult:
+def run(cfg: DictConfig, method: Method | None = None, pipeline: Any = None) -> RunResult:
     """One job; under ``torchrun``/``accelerate launch`` each process runs it as one rank of a
-    sharded run (``distributed.py``)."""
+    sharded run (``distributed.py``). ``method`` and ``pipeline`` are objects from Python (see
+    ``fia_bench.run``) that replace the configured method and model weights."""
     with distributed.session(str(cfg.device)):
-        return run_job(cfg)
+        return run_job(cfg, method, pipeline)
 
 
-def run_job(cfg: DictConfig) -> RunResult:
+def instance_identity(method: Method) -> dict[str, Any]:
+    """What the erase cache keys a Method object by: its class and its attributes (as text), so
+    two objects configured differently never share an edit."""
+    cls = type(method)
+    state = {k: repr(v) for k, v in sorted(vars(method).items())}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "state": state}
+
+
+def run_job(cfg: DictConfig, method: Method | None = None, pipeline: Any = None) -> RunResult:
     started = time.perf_counter()
     check_config(cfg)
     out_dir = Path(cfg.out_dir)
@@ -118,7 +136,17 @@ def run_job(cfg: DictConfig) -> RunResult:
     sampler = Sampler.from_config(cfg.sampler)
     dtype = torch_dtype(cfg.precision)
     method_settings = plain(cfg.method.get("settings"))
-    methods = {str(cfg.reference): {}} | {str(cfg.method.name): method_settings}
+    instances = {}
+    if method is not None:
+        method_name = type(method).__name__.lower()
+        method_settings = instance_identity(method)
+        instances[method_name] = method
+    else:
+        method_name = str(cfg.method.name)
+    methods = {str(cfg.reference): {}} | {method_name: method_settings}
+    for name in methods:
+        if name not in instances:
+            METHODS.get(name, "method=")
     # every split's prompt rows before the model loads: a bad prompt file fails in seconds
     prompt_sets = {
         n: pd.concat(
@@ -131,10 +159,13 @@ def run_job(cfg: DictConfig) -> RunResult:
         for n, targets, retain in splits
     }
 
-    model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
+    if pipeline is not None:
+        model = prepared_model(pipeline, cfg.model, cfg.device, cfg.precision)
+    else:
+        model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
     options = EngineOptions.from_config(cfg.engine)
     engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype, options)
-    stages = Stages(model, engine, cache, task, str(cfg.precision))
+    stages = Stages(model, engine, cache, task, str(cfg.precision), instances)
     context = EvalContext(task, model.judges, str(cfg.device), stages.base_images, stages.cache)
     evaluators = build_evaluators(cfg, context)
     attacks = build_attacks(cfg, evaluators)

@@ -23,7 +23,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fia_bench import artifacts, distributed
-from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, EraseRequest, Evaluator, Task
+from fia_bench.api import (
+    AdversarialPrompt,
+    Attack,
+    AttackRequest,
+    EraseRequest,
+    Evaluator,
+    Method,
+    Task,
+)
 from fia_bench.cache import (
     Cache,
     Damaged,
@@ -41,6 +49,34 @@ from fia_bench.registry import METHODS
 # Evaluation seed of row r under erasure seed s is r + s * SEED_STRIDE (seed_policy
 # erase_and_generate); a prime stride keeps shifted seeds of different rows from colliding.
 SEED_STRIDE = 1_000_003
+
+
+def erase_key(
+    fingerprint: str,
+    precision: str,
+    method: str,
+    settings: dict[str, Any],
+    targets: tuple[str, ...],
+    retain: tuple[str, ...],
+    seed: int,
+    task: str,
+    inputs: dict[str, Any] | None = None,
+) -> str:
+    """The erase stage's cache key (also computed by the dry run's plan). ``inputs``: content
+    hashes of files the method reads (``Method.input_fingerprint``); keys of methods that read
+    none are as before it existed."""
+    fields = {
+        "stage": "erase",
+        "model": fingerprint,
+        "precision": precision,
+        "method": method,
+        "settings": settings,
+        "targets": targets,
+        "retain": retain,
+        "seed": seed,
+        "task": task,
+    }
+    return stable_hash(fields | ({"inputs": inputs} if inputs else {}))
 
 
 @dataclass(frozen=True)
@@ -98,9 +134,18 @@ def timed(stage: str) -> Callable:
 
 class Stages:
     def __init__(
-        self, model: LoadedModel, engine: Engine, cache: Cache, task: Task, precision: str
+        self,
+        model: LoadedModel,
+        engine: Engine,
+        cache: Cache,
+        task: Task,
+        precision: str,
+        instances: dict[str, Method] | None = None,
     ) -> None:
+        """``instances``: Method objects handed in from Python, by job name (registry
+        plugins are built from their settings instead)."""
         self.model = model
+        self.instances = instances or {}
         self.engine = engine
         self.cache = cache
         self.task = task
@@ -117,18 +162,18 @@ class Stages:
     # ---- erase -----------------------------------------------------------------------------
     @timed("erase")
     def erase(self, job: Job) -> Erased:
-        key = stable_hash(
-            {
-                "stage": "erase",
-                "model": self.model.fingerprint,
-                "precision": self.precision,
-                "method": job.method,
-                "settings": job.settings,
-                "targets": job.targets,
-                "retain": job.retain,
-                "seed": job.seed,
-                "task": self.task.name,
-            }
+        method = self.instances.get(job.method)
+        plugin = type(method) if method is not None else METHODS.get(job.method, "method.name")
+        key = erase_key(
+            self.model.fingerprint,
+            self.precision,
+            job.method,
+            job.settings,
+            job.targets,
+            job.retain,
+            job.seed,
+            self.task.name,
+            plugin.input_fingerprint(job.settings),
         )
 
         def compute() -> Erased:
@@ -188,7 +233,9 @@ class Stages:
         metadata marks the entry complete)."""
         meta_path = self.cache.path("erase", key, ".json")
         delta_path = self.cache.path("erase", key, ".safetensors")
-        method = METHODS.get(job.method, "method.name")(**job.settings)
+        method = self.instances.get(job.method) or METHODS.get(job.method, "method.name")(
+            **job.settings
+        )
         torch.manual_seed(job.seed)
         request = EraseRequest(
             job.targets, job.retain, job.seed, self.task, self.engine, self.base_images

@@ -156,3 +156,38 @@ def test_base_images_mid_edit_are_the_unedited_models_and_keep_the_edit(
     assert run["changed_tensors"] == 1  # the edit survived the detour
     expected = tiny_engine(steps=2).generate(["a photo of a church"], [99])[0]
     assert json.loads(run["info"])["base_image"] == hashlib.sha256(expected.tobytes()).hexdigest()
+
+
+class ScaleOneWeight(Method):
+    """A Method object built in Python, never registered: it scales one attn2.to_v weight."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def erase(self, request: EraseRequest) -> dict:
+        unet = request.engine.pipe.unet
+        weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v.weight
+        with torch.no_grad():
+            weight.mul_(self.factor)
+        return {"factor": self.factor}
+
+
+def test_run_takes_a_method_object_and_a_loaded_pipeline(tmp_path: Path, cache_dir: Path) -> None:
+    from fia_bench.models import random_pipeline
+    from fia_bench.tasks import world_vocabulary
+
+    cfg = fia_bench.compose([])
+    pipe = random_pipeline(
+        str(cfg.model.architecture), world_vocabulary("tiny"), int(cfg.model.resolution), 0
+    )
+    overrides = ["seeds=1", "n_concepts=[1]", *FAST]
+    result = fia_bench.run(overrides, str(tmp_path / "a"), ScaleOneWeight(0.5), pipe)
+    runs = result.runs.set_index("method")
+    assert runs.loc["scaleoneweight", "status"] == "ok"
+    assert runs.loc["scaleoneweight", "changed_tensors"] == 1
+    assert '"factor": 0.5' in runs.loc["scaleoneweight", "info"]
+    assert set(result.records["method"]) == {"none", "scaleoneweight"}
+    # another object of the same class is another edit, never the cached one
+    other = fia_bench.run(overrides, str(tmp_path / "b"), ScaleOneWeight(0.25), pipe)
+    key = other.runs.set_index("method").loc["scaleoneweight", "erase_key"]
+    assert key != runs.loc["scaleoneweight", "erase_key"]
