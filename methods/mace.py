@@ -32,7 +32,13 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
-from fia_bench.unet_edit import block_linears
+from fia_bench.unet_edit import (
+    block_linears,
+    concept_token_mask,
+    cross_attention_probabilities,
+    encode_images,
+    training_only,
+)
 
 CONCEPT_TYPES = ("object", "style")
 PROJECTIONS = ("attn2.to_k", "attn2.to_v")
@@ -192,21 +198,6 @@ class MACE(Method):
         return self.all_rows(request.engine, prompts)
 
     # ---- stage 2: one LoRA per concept -----------------------------------------------------------
-    def concept_positions(self, tokenizer: Any, prompt: str, concept: str) -> torch.Tensor:
-        """Token positions whose attention the LoRA removes: the concept's word pieces and, with
-        ``use_pooler``, every EOS/padding position (the tokenizer pads with EOS)."""
-        ids = tokenizer(
-            prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-        ).input_ids
-        word = tokenizer(concept, add_special_tokens=False).input_ids
-        mask = torch.zeros(len(ids), dtype=torch.bool)
-        for i in range(len(ids) - len(word) + 1):
-            if ids[i : i + len(word)] == word:
-                mask[i : i + len(word)] = True
-        if self.use_pooler:
-            mask |= torch.tensor(ids) == tokenizer.eos_token_id
-        return mask
-
     def training_latents(self, request: EraseRequest, kind: str) -> dict[str, torch.Tensor]:
         """VAE latents (sampled, × scaling factor) of the base model's images of every target,
         made through the harness's image cache with seeds ``seed_base + i``."""
@@ -217,27 +208,16 @@ class MACE(Method):
         ]
         images = request.base_images(prompts, seeds * len(request.targets))
         vae = request.engine.pipe.vae
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            latents = torch.cat(
-                [
-                    vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.sample()
-                    for chunk in pixels.split(max(1, request.engine.sampler.batch_size))
-                ]
-            )
-        latents = latents.float() * vae.config.scaling_factor
+        mean, std = encode_images(vae, images, max(1, request.engine.sampler.batch_size))
+        latents = (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
         return {c: latents[i * n : (i + 1) * n] for i, c in enumerate(request.targets)}
 
     @contextmanager
-    def lora_and_probes(
-        self, unet: Any, layers: dict[str, torch.nn.Linear], probs: list[torch.Tensor]
+    def lora(
+        self, unet: Any, layers: dict[str, torch.nn.Linear]
     ) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Fresh rank-r LoRA factors (down ~ N(0, 1/r), up = 0) added to every projection's output
-        by forward hooks, and every cross-attention's probabilities appended to ``probs``. The
-        UNet's own parameters are frozen meanwhile; everything is undone on exit."""
-        from diffusers.models.attention_processor import AttnProcessor
-
+        by forward hooks while the UNet's own parameters are frozen; undone on exit."""
         device = next(unet.parameters()).device
         factors = {}
         for name, m in layers.items():
@@ -252,34 +232,13 @@ class MACE(Method):
 
             return hook
 
-        def recording(attn: Any):
-            scores = type(attn).get_attention_scores
-
-            def get_attention_scores(*args: Any, **kwargs: Any) -> torch.Tensor:
-                p = scores(attn, *args, **kwargs)
-                probs.append(p)
-                return p
-
-            return get_attention_scores
-
-        saved = unet.attn_processors
-        grads = {n: p.requires_grad for n, p in unet.named_parameters()}
-        attns = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
         handles = [m.register_forward_hook(add_lora(n)) for n, m in layers.items()]
         try:
-            unet.requires_grad_(False)
-            for attn in attns.values():
-                attn.set_processor(AttnProcessor())
-                attn.get_attention_scores = recording(attn)
-            yield factors
+            with training_only(unet, []):
+                yield factors
         finally:
             for handle in handles:
                 handle.remove()
-            for attn in attns.values():
-                attn.__dict__.pop("get_attention_scores", None)
-            unet.set_attn_processor(saved)
-            for n, p in unet.named_parameters():
-                p.requires_grad_(grads[n])
 
     def train_lora_deltas(
         self,
@@ -300,9 +259,8 @@ class MACE(Method):
         rng = random.Random(request.seed)
         np_rng = np.random.default_rng(request.seed)
         tokenizer = engine.pipe.tokenizer
-        probs: list[torch.Tensor] = []
         losses = []
-        with self.lora_and_probes(unet, layers, probs) as factors:
+        with self.lora(unet, layers) as factors, cross_attention_probabilities(unet) as probs:
             params = [p for pair in factors.values() for p in pair]
             optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
             for _ in range(self.train_steps):
@@ -315,7 +273,9 @@ class MACE(Method):
                 timestep = torch.tensor([t], device=unet.device)
                 noisy = scheduler.add_noise(latent, torch.randn_like(latent), timestep)
                 context = engine.encode([prompt]).to(unet.device, unet.dtype)
-                positions = self.concept_positions(tokenizer, prompt, concept).to(unet.device)
+                positions = concept_token_mask(tokenizer, prompt, concept, self.use_pooler).to(
+                    unet.device
+                )
                 probs.clear()
                 unet(noisy.to(unet.dtype), timestep, encoder_hidden_states=context)
                 loss = sum(p[..., positions].float().norm() for p in probs)

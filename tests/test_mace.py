@@ -19,6 +19,7 @@ from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.errors import FiaBenchError
 from fia_bench.tasks import load_task
+from fia_bench.unet_edit import concept_token_mask
 from methods.mace import MACE, matching_positions, ridge_fit
 
 TASK = load_task("objects", "tiny")
@@ -158,11 +159,11 @@ def test_lora_training_shrinks_the_concepts_attention_and_leaves_the_unet_as_it_
 def test_concept_positions_are_the_word_and_the_pooler_tokens() -> None:
     tokenizer = tiny_engine().pipe.tokenizer
     prompt = "a photo of english springer"
-    positions = MACE.concept_positions(mace(), tokenizer, prompt, "english springer")
+    positions = concept_token_mask(tokenizer, prompt, "english springer", pooler=True)
     word = len(tokenizer("english springer", add_special_tokens=False).input_ids)
     n_prompt = len(tokenizer(prompt).input_ids)
     assert int(positions.sum()) == word + (77 - n_prompt + 1)  # word pieces + EOS and padding
-    alone = MACE.concept_positions(mace(use_pooler=False), tokenizer, prompt, "english springer")
+    alone = concept_token_mask(tokenizer, prompt, "english springer", pooler=False)
     assert int(alone.sum()) == word and alone[4 : 4 + word].all()  # after bos, a, photo, of
 
 
