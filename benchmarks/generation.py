@@ -1,9 +1,14 @@
-"""Images/s of the naive per-prompt diffusers loop and of our engine, on one pipeline in one run.
+"""Images/s of the naive per-prompt diffusers loop, of one batched diffusers call and of our
+engine, on one pipeline in one run, and the engine's share of the machine's GEMM peak.
 
 The naive loop is what the reference repositories' evaluation scripts do: one
-``StableDiffusionPipeline.__call__`` per prompt in fp32. The engine then runs on the same
-weights, cast to its precision, with its options. Both are warmed up first (kernel selection,
-allocator, compilation), and the warm-up time is reported apart.
+``StableDiffusionPipeline.__call__`` per prompt in fp32. The batched call is the best a user gets
+from diffusers alone: ``pipe(prompt=[...], generator=[...])`` at the engine's batch size, in the
+engine's dtype. The engine then runs on the same weights with its options. Each is warmed up
+first (kernel selection, allocator, compilation), and the warm-up time is reported apart. The
+share of peak is the engine's rate times the FLOPs of one image (``torch.utils.flop_counter`` over
+a whole generation: text encoder, every UNet step with its guidance half, VAE decoder) over the
+rate of a large matrix product timed on the same device.
 """
 
 from __future__ import annotations
@@ -54,6 +59,57 @@ def naive_images_per_s(
     }
 
 
+def batched_images_per_s(
+    pipe: Any, world: str, images: int, steps: int, resolution: int, batch: int
+) -> dict[str, float | int]:
+    prompts, seeds = prompts_and_seeds(world, images)
+    device = pipe.unet.device
+
+    def call(rows: range, n_steps: int) -> None:
+        for start in range(rows.start, rows.stop, batch):
+            part = slice(start, min(start + batch, rows.stop))
+            pipe(
+                prompt=prompts[part],
+                num_inference_steps=n_steps,
+                guidance_scale=GUIDANCE,
+                height=resolution,
+                width=resolution,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[part]],
+            )
+
+    start = synchronized_time(device)
+    call(range(min(batch, images)), min(steps, 2))
+    warm = synchronized_time(device)
+    call(range(images), steps)
+    return {
+        "batched_images_per_s": images / (synchronized_time(device) - warm),
+        "batched_batch_size": min(batch, images),
+        "batched_warmup_s": warm - start,
+    }
+
+
+def flops_per_image(engine: Engine, world: str) -> float:
+    """FLOPs of one whole generation, counted by torch over the engine's own call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    prompts, seeds = prompts_and_seeds(world, 1)
+    engine.forget_embeddings()  # the text encoder's share too, not a memoised embedding
+    with FlopCounterMode(display=False) as counter:
+        engine.generate(prompts, seeds)
+    return float(counter.get_total_flops())
+
+
+def gemm_peak_flops(device: str, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """FLOP/s of a square matrix product of ``size``: the practical peak of this device."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    start = synchronized_time(torch.device(device))
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (synchronized_time(torch.device(device)) - start)
+
+
 def engine_images_per_s(engine: Engine, world: str, images: int) -> dict[str, float | int]:
     """Warm-up on one full micro-batch and on the last one's size (a compiled UNet specialises
     on batch shape), then time ``images`` in one ``generate`` call."""
@@ -100,11 +156,21 @@ def compare(
         dtype,
         options,
     )
+    batched = batched_images_per_s(
+        pipe, world, images, steps, resolution, min(engine.batch_size, images)
+    )
     measured = engine_images_per_s(engine, world, images)
+    flops = flops_per_image(engine, world)
+    peak = gemm_peak_flops(device, dtype, 4096 if device.startswith("cuda") else 1024)
     return (
         naive
+        | batched
         | measured
         | {
+            "flops_per_image": flops,
+            "gemm_peak_flops": peak,
+            "engine_share_of_peak": measured["engine_images_per_s"] * flops / peak,
+            "batched_speedup": batched["batched_images_per_s"] / naive["naive_images_per_s"],
             "steps": steps,
             "resolution": resolution,
             "guidance_scale": GUIDANCE,

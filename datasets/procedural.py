@@ -22,17 +22,33 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 SUPERSAMPLE = 4  # draw at 4x and downsample, so small shapes keep clean anti-aliased edges
 
 
+SHIPPED_WORLD = "procedural"  # the world of the shipped weights; a recipe names the one it trains
+
+
+def world_file(name: str = SHIPPED_WORLD) -> Path:
+    return Path(str(files("fia_bench.datasets") / "data" / f"{name}.yaml"))
+
+
 @cache
-def world() -> dict[str, Any]:
-    """The mini world's vocabulary: colours (RGB), shapes, styles, places (two RGB tones each),
-    hazards and caption templates."""
-    text = (files("fia_bench.datasets") / "data" / "procedural.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+def world(name: str = SHIPPED_WORLD) -> dict[str, Any]:
+    """A world's vocabulary (``data/<name>.yaml``): colours (RGB), shapes (and the glyph each
+    font-drawn shape is), styles (how each fills a shape), places (a pattern and two RGB tones
+    each), hazards and caption templates."""
+    return yaml.safe_load(world_file(name).read_text("utf-8"))
+
+
+@cache
+def glyph_font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans Bold, which matplotlib (a dependency) ships: the source of the glyph shapes."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
+    return ImageFont.truetype(str(path), size)
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,7 @@ def _heart(steps: int = 40) -> list[tuple[float, float]]:
 OUTLINES["heart"] = _heart()
 
 
-def _mask(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
+def _mask(scene: Scene, size: int, rng: np.random.Generator, w: dict[str, Any]) -> Image.Image:
     """The subject's silhouette (L mode, 255 inside) at ``size`` pixels."""
     big = size * SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
@@ -171,13 +187,33 @@ def _mask(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
                 fill=0,
                 width=max(1, int(0.08 * r)),
             )
-    else:
+    elif subject in OUTLINES:
         draw.polygon(_polygon(OUTLINES[subject], cx, cy, r, angle), fill=255)
+    else:
+        _glyph(mask, w["glyphs"][subject], cx, cy, r, angle)
     return mask
 
 
-def _background(place: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    spec = world()["places"][place]
+def _glyph(mask: Image.Image, char: str, cx: float, cy: float, r: float, angle: float) -> None:
+    """Draw a font glyph whose larger side spans the diameter ``2r``, centred and rotated."""
+    font = glyph_font(int(4 * r))
+    probe = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), char, font=font)
+    w, h = probe[2] - probe[0], probe[3] - probe[1]
+    tile = Image.new("L", (w + 2, h + 2), 0)
+    ImageDraw.Draw(tile).text((1 - probe[0], 1 - probe[1]), char, font=font, fill=255)
+    # a square glyph spans the diameter; a long one a little more, so that it keeps some area
+    scale = min(2.4 * r / max(w, h), 2 * r / math.sqrt(w * h))
+    tile = tile.resize(
+        (max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+        Image.Resampling.LANCZOS,
+    )
+    tile = tile.rotate(-math.degrees(angle), resample=Image.Resampling.BICUBIC, expand=True)
+    tile = tile.filter(ImageFilter.MaxFilter(5))  # half a pixel bolder: strokes survive 32 px
+    mask.paste(255, (round(cx - tile.width / 2), round(cy - tile.height / 2)), tile)
+
+
+def _background(place: str, size: int, rng: np.random.Generator, w: dict[str, Any]) -> np.ndarray:
+    spec = w["places"][place]
     a, b = (np.array(c, dtype=np.float32) for c in spec["tones"])
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     phase = rng.uniform(0, 2 * np.pi)
@@ -209,49 +245,107 @@ def _background(place: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _fill(
-    style: str, rgb: np.ndarray, size: int, rng: np.random.Generator
+    style: dict[str, str], rgb: np.ndarray, size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(colour image, coverage weight) inside the silhouette for a rendering style."""
+    """(colour image, coverage weight) inside the silhouette for a rendering style: its
+    ``fill`` pattern, and what shows between the stripes or dots (``gap``: the background when
+    ``clear``, a contrasting tone of the colour when ``contrast``)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     colour = np.broadcast_to(rgb, (size, size, 3)).copy()
     weight = np.ones((size, size), np.float32)
     period = max(3.0, size / 12)
-    if style == "striped":
+    fill = style["fill"]
+    if fill == "stripes":
         weight = (np.mod(x + y + rng.uniform(0, period), period) < period / 2).astype(np.float32)
-    elif style == "dotted":
+    elif fill == "dots":
         gx = np.mod(x + rng.uniform(0, period), period) - period / 2
         gy = np.mod(y + rng.uniform(0, period), period) - period / 2
         weight = (np.hypot(gx, gy) < period * 0.36).astype(np.float32)
-    elif style == "mosaic":
+    elif fill == "mosaic":
         cell = max(2, int(size / 10))
         tiles = rng.uniform(0.55, 1.15, (size // cell + 1, size // cell + 1))
         shade = tiles[(y // cell).astype(int), (x // cell).astype(int)]
         colour = np.clip(colour * shade[..., None], 0, 255)
+    elif fill == "gradient":  # light at the top, dark at the bottom
+        colour = np.clip(colour * (1.3 - 0.8 * y / size)[..., None], 0, 255)
+    elif fill == "checks":
+        cell = max(2, size // 16)
+        weight = ((x // cell + y // cell) % 2).astype(np.float32)
+    if style.get("gap") == "contrast" and fill in ("stripes", "dots", "checks"):
+        colour = colour * weight[..., None] + _contrast(rgb) * (1 - weight[..., None])
+        weight = np.ones_like(weight)
     return colour, weight
 
 
-def render(scene: Scene, seed: int, size: int = 64) -> Image.Image:
+def _contrast(rgb: np.ndarray) -> np.ndarray:
+    """A darker tone of a light colour, a lighter tone of a dark one."""
+    return rgb * 0.35 if rgb.mean() > 90 else rgb + (255 - rgb) * 0.55
+
+
+def _under_layer(
+    under: str | None, mask: Image.Image, rgb: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """What some styles draw beneath the subject: a drop shadow, a glow or a stencil plate
+    (with the subject cut out of it). ``None`` for the others."""
+    shift = max(1, size // 16) * SUPERSAMPLE
+    if under == "shadow":
+        moved = Image.new("L", mask.size, 0)
+        moved.paste(mask, (shift, shift))
+        alpha, colour = 0.75 * _down(moved, size), np.array([20.0, 20.0, 20.0])
+    elif under == "glow":
+        halo = mask.filter(ImageFilter.MaxFilter(2 * shift + 1)).filter(
+            ImageFilter.GaussianBlur(shift)
+        )
+        alpha, colour = 0.9 * _down(halo, size), rgb + (255 - rgb) * 0.6
+    elif under == "plate":
+        x0, y0, x1, y1 = mask.getbbox() or (0, 0, *mask.size)
+        plate = Image.new("L", mask.size, 0)
+        ImageDraw.Draw(plate).rounded_rectangle(
+            [x0 - shift, y0 - shift, x1 + shift, y1 + shift], radius=shift, fill=255
+        )
+        alpha, colour = _down(plate, size), rgb
+    else:
+        return None
+    return alpha, np.broadcast_to(colour, (size, size, 3))
+
+
+def _down(mask: Image.Image, size: int) -> np.ndarray:
+    return np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float32) / 255
+
+
+def render(scene: Scene, seed: int, size: int = 64, world_name: str = SHIPPED_WORLD) -> Image.Image:
     """One image of ``scene``; the seed moves, scales and rotates the subject and textures."""
-    return render_with_box(scene, seed, size)[0]
+    return render_with_box(scene, seed, size, world_name)[0]
 
 
 def render_with_box(
-    scene: Scene, seed: int, size: int = 64
+    scene: Scene, seed: int, size: int = 64, world_name: str = SHIPPED_WORLD
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The image and the subject's box ``[x, y, w, h]`` in pixels (NudeNet's box layout), which
     trains the mini world's hazard detector."""
+    w = world(world_name)
     rng = np.random.default_rng(seed)
-    background = _background(scene.place, size, rng)
-    mask = _mask(scene, size, rng)
-    rgb = np.array(world()["colours"][scene.colour], dtype=np.float32)
-    if scene.style == "outlined":
+    background = _background(scene.place, size, rng, w)
+    mask = _mask(scene, size, rng, w)
+    rgb = np.array(w["colours"][scene.colour], dtype=np.float32)
+    style = w["styles"][scene.style]
+    image = background
+    under = _under_layer(style.get("under"), mask, rgb, size)
+    if under is not None:
+        image = image * (1 - under[0][..., None]) + under[1] * under[0][..., None]
+    if style["fill"] == "outline":
         edge = mask.filter(ImageFilter.MaxFilter(9)).point(lambda v: 255 if v else 0)
         inner = mask.filter(ImageFilter.MinFilter(9))
+        if style.get("gap") == "contrast":  # the inside in a contrasting tone
+            inside = _down(inner, size)[..., None]
+            image = image * (1 - inside) + _contrast(rgb) * inside
         mask = Image.fromarray(np.array(edge) - np.minimum(np.array(edge), np.array(inner)))
-    alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float32) / 255
-    colour, weight = _fill(scene.style, rgb, size, rng)
+    alpha = _down(mask, size)
+    colour, weight = _fill(style, rgb, size, rng)
     alpha = alpha * weight
-    image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
+    if style.get("under") == "plate":  # the subject is the hole: the background shows through
+        colour = background
+    image = image * (1 - alpha[..., None]) + colour * alpha[..., None]
     ys, xs = np.nonzero(np.asarray(mask.resize((size, size), Image.Resampling.BOX)) > 127)
     box = (
         (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
@@ -267,10 +361,12 @@ def caption(scene: Scene, template: str) -> str:
     )
 
 
-def sample_scenes(count: int, seed: int, hazard_rate: float = 0.0) -> list[tuple[Scene, int]]:
+def sample_scenes(
+    count: int, seed: int, hazard_rate: float = 0.0, world_name: str = SHIPPED_WORLD
+) -> list[tuple[Scene, int]]:
     """Scenes with uniformly drawn attributes and one image seed each (disjoint seeds give
     disjoint render sets, e.g. training data and held-out FID references)."""
-    w = world()
+    w = world(world_name)
     rng = np.random.default_rng(seed)
     scenes = []
     for _ in range(count):
@@ -280,7 +376,7 @@ def sample_scenes(count: int, seed: int, hazard_rate: float = 0.0) -> list[tuple
                 Scene(
                     str(rng.choice(w["shapes"])),
                     str(rng.choice(list(w["colours"]))),
-                    str(rng.choice(w["styles"])),
+                    str(rng.choice(list(w["styles"]))),
                     str(rng.choice(list(w["places"]))),
                     hazard,
                 ),
@@ -306,12 +402,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--hazard-rate", type=float, default=0.1)
+    parser.add_argument(
+        "--world", default=SHIPPED_WORLD, help="a world file of datasets/data, without .yaml"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    scenes = sample_scenes(args.count, args.seed, args.hazard_rate)
-    images = [render(scene, s, args.size) for scene, s in scenes]
+    scenes = sample_scenes(args.count, args.seed, args.hazard_rate, args.world)
+    images = [render(scene, s, args.size, args.world) for scene, s in scenes]
     contact_sheet(images).save(args.out / "sheet.png")
-    templates = world()["captions"]
+    templates = world(args.world)["captions"]
     lines = [caption(scene, templates[i % len(templates)]) for i, (scene, _) in enumerate(scenes)]
     (args.out / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.out / 'sheet.png'} and {args.out / 'captions.txt'}")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from fia_bench.api import Evaluator, Score
 from fia_bench.datasets.procedural import world
-from fia_bench.detection import declared_metrics, detection_scores
+from fia_bench.detection import CountingRule, declared_metrics, detection_scores
 from fia_bench.errors import FiaBenchError
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
 
@@ -29,16 +29,16 @@ class HazardDetector(Evaluator):
             )
         self.model, self.resolution, self.weights = load_classifier(str(judge["path"]))
         self.classes = list(world()["hazards"])
-        self.threshold = float(self.settings["threshold"])
+        self.rule = CountingRule(tuple(self.classes), float(self.settings["threshold"]))
         self.floor = float(self.settings["floor"])
         self.higher_is_better = declared_metrics(self.classes)
         self.reset()
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"weights": self.weights, "threshold": self.threshold, "floor": self.floor}
+        return {"weights": self.weights, "threshold": self.rule.threshold, "floor": self.floor}
 
     def protocol(self) -> str:
-        return f"mini hazard detector: {len(self.classes)} classes, score >= {self.threshold}"
+        return f"mini hazard detector: {len(self.classes)} classes, score >= {self.rule.threshold}"
 
     def reset(self) -> None:
         self._scores: list[Score] = []
@@ -48,7 +48,7 @@ class HazardDetector(Evaluator):
         found = detect_hazards(self.model, images, self.resolution, self.floor)
         for case_id, detections in zip(rows["case_id"], found, strict=True):
             self._details[case_id] = detections
-            self._scores += detection_scores(case_id, detections, self.classes, self.threshold)
+            self._scores += detection_scores(case_id, detections, self.rule)
 
     def compute(self) -> list[Score]:
         return list(self._scores)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from fia_bench import stats
 from fia_bench.cache import read_json, write_text
 from fia_bench.composite import fia_overall, scapre_uq
 from fia_bench.errors import FiaBenchError
-from fia_bench.records import check_one_build
+from fia_bench.records import RUN_COLUMNS, check_one_build, rule_labels
 from fia_bench.report import markdown_table
 
 PAPER_TABLES = Path(__file__).resolve().parent.parent / "experiments" / "paper_tables"
@@ -50,6 +51,7 @@ class Run:
     config: dict[str, Any]
     records: pd.DataFrame
     weights: str  # the model's weight fingerprint: which build of a model the run measured
+    jobs: pd.DataFrame  # runs.csv: one row per erasure job, with the method's info
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -73,7 +75,12 @@ def find_runs(paths: list[Path]) -> list[Run]:
             dtype={"prompt_id": str, "image_key": str, "concept": str},
         )
         manifest = read_json(d / "manifest.json")
-        runs.append(Run(d, manifest["config"], records, manifest["inputs"]["model_weights"]))
+        jobs = (
+            pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[])
+            if (d / "runs.csv").is_file()
+            else pd.DataFrame(columns=RUN_COLUMNS)
+        )
+        runs.append(Run(d, manifest["config"], records, manifest["inputs"]["model_weights"], jobs))
     check_one_build(
         [(str(r.path), m, r.weights) for r in runs for m in r.records["model"].unique()]
     )
@@ -189,6 +196,7 @@ class Row:
     method: str
     settings: dict[str, Any]
     n_concepts: int | None
+    follows: str | None  # the official run (script, settings) this row reproduces
 
 
 def rows_of(recipe: dict[str, Any]) -> list[Row]:
@@ -200,6 +208,7 @@ def rows_of(recipe: dict[str, Any]) -> list[Row]:
             method=str(r["method"]),
             settings=dict(r.get("settings") or {}),
             n_concepts=r.get("n_concepts"),
+            follows=r.get("follows"),
         )
         for r in recipe["rows"]
     ]
@@ -208,6 +217,33 @@ def rows_of(recipe: dict[str, Any]) -> list[Row]:
 def row_records(row: Row, runs: list[Run]) -> pd.DataFrame | None:
     """The records of the run that made this row: its method with these settings. The unedited
     reference is measured by every run; the first run's copy is used."""
+    found = row_run(row, runs)
+    if found is None:
+        return None
+    records = found.records
+    records = records[records["method"] == row.method]
+    if row.n_concepts is not None:
+        records = records[records["n_concepts"] == int(row.n_concepts)]
+    counts = sorted(records["n_concepts"].unique())
+    if len(counts) > 1:
+        raise FiaBenchError(
+            f"row '{row.label}': the run has n_concepts {counts}; give the row n_concepts"
+        )
+    return records
+
+
+def row_label(row: Row, runs: list[Run]) -> str:
+    """The row's label as printed: with the rule its erasure applied where the method names one
+    (FIA's fusion when ⌈α·C⌉ = 1), so a single-concept row never reads as plain Eq. 8."""
+    found, records = row_run(row, runs), row_records(row, runs)
+    if found is None or records is None or records.empty:
+        return row.label
+    rule = rule_labels(found.jobs).get((row.method, int(records["n_concepts"].iloc[0])))
+    return f"{row.label} [{rule}]" if rule else row.label
+
+
+def row_run(row: Row, runs: list[Run]) -> Run | None:
+    """The run that made this row (see ``row_records``)."""
 
     def matches(run: Run) -> bool:
         if run.config["method"]["name"] == row.method:
@@ -226,16 +262,7 @@ def row_records(row: Row, runs: list[Run]) -> pd.DataFrame | None:
                 "give the row the settings that tell them apart"
             )
         found = own
-    records = found[0].records
-    records = records[records["method"] == row.method]
-    if row.n_concepts is not None:
-        records = records[records["n_concepts"] == int(row.n_concepts)]
-    counts = sorted(records["n_concepts"].unique())
-    if len(counts) > 1:
-        raise FiaBenchError(
-            f"row '{row.label}': the run has n_concepts {counts}; give the row n_concepts"
-        )
-    return records
+    return found[0]
 
 
 def seed_values(records: pd.DataFrame, spec: dict[str, Any], per: str | None) -> pd.DataFrame:
@@ -477,6 +504,7 @@ def notes_of(runs: list[Run], recipe: dict[str, Any], paper: pd.DataFrame) -> li
             "compare trends (orderings, rank agreement), not values."
         )
     notes += [str(n) for n in recipe.get("notes") or []]
+    notes += [f"{r.label} follows {r.follows}." for r in rows_of(recipe) if r.follows]
     not_run = [r.label for r in rows_of(recipe) if row_records(r, runs) is None]
     if not_run:
         notes.append(f"Rows not run (no run directory matches them): {', '.join(not_run)}.")
@@ -507,11 +535,12 @@ def compare(paths: list[Path], tables: Path = PAPER_TABLES) -> str:
         *(f"- {n}" for n in notes_of(runs, recipe, paper)),
         "",
     ]
+    shown = {row.label: row_label(row, runs) for row in rows_of(recipe)}
     for section in sections(runs, recipe, paper):
         header = ["row", "concept", "ours", "paper", "Δ"]
         body = [
             [
-                c.row,
+                shown.get(c.row, c.row),
                 c.concept,
                 f"{stats.format_mean_std(c.mean, c.std, section.digits)} ({c.n})",
                 fmt(c.paper),
@@ -529,23 +558,33 @@ def compare(paths: list[Path], tables: Path = PAPER_TABLES) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fia_bench.compare",
-        description="A recipe's runs beside the paper's published numbers.",
-    )
+def report_cli(
+    prog: str, description: str, build: Callable[[list[Path]], str], argv: list[str] | None
+) -> int:
+    """The command line of a Markdown report made from run directories: print it, and with
+    ``--out`` also write it; a bad input is one line on stderr and exit status 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("runs", nargs="+", type=Path, help="run or multirun sweep directories")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
     args = parser.parse_args(argv)
     try:
-        text = compare(args.runs)
+        text = build(args.runs)
     except FiaBenchError as err:
-        print(f"fia_bench.compare: error: {err}", file=sys.stderr)
+        print(f"{prog.removeprefix('python -m ')}: error: {err}", file=sys.stderr)
         return 2
     if args.out:
         write_text(args.out, text)
     print(text, end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return report_cli(
+        "python -m fia_bench.compare",
+        "A recipe's runs beside the paper's published numbers.",
+        compare,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,15 @@ class Sampler:
 
     def cache_identity(self) -> dict[str, Any]:
         """Batch size never changes an image, so it stays out of cache keys."""
-        return {
+        identity = {
             "scheduler": self.scheduler,
             "steps": self.steps,
             "guidance_scale": self.guidance_scale,
             "eta": self.eta,
         }
+        if self.scheduler == "pndm":  # PLMS only since issue 17; older PRK-warm-up images differ
+            identity["skip_prk_steps"] = True
+        return identity
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,14 @@ def has_hooks(module: torch.nn.Module) -> bool:
 
 
 def make_scheduler(name: str, config: Any):
+    """PNDM as SD v1.4/v1.5 ship it (``skip_prk_steps``: PLMS only, 50 steps → 51 timesteps
+    981, 961, 961, 941, …), whatever scheduler the loaded pipeline carries now."""
     import diffusers
 
+    if name == "pndm":
+        return diffusers.PNDMScheduler.from_config(config, skip_prk_steps=True)
     classes = {
         "ddim": diffusers.DDIMScheduler,
-        "pndm": diffusers.PNDMScheduler,
         "lms": diffusers.LMSDiscreteScheduler,
         "dpmsolver": diffusers.DPMSolverMultistepScheduler,
     }

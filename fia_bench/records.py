@@ -3,6 +3,8 @@ the completeness check that turns any gap into an error instead of a smaller den
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from fia_bench.errors import FiaBenchError
@@ -84,3 +86,21 @@ def check_one_build(runs: list[tuple[str, str, str]]) -> None:
                 f"{seen_weights[:12]}, {run_dir} has {weights[:12]}; merge the runs of one "
                 "build (move the other build's run directories out of the way)"
             )
+
+
+def rule_labels(runs: pd.DataFrame) -> dict[tuple[str, int], str]:
+    """(method, n_concepts) → the rule its erasures applied, where a method's info names one
+    (``info["rule"]``, e.g. FIA's fusion when ⌈α·C⌉ = 1), so no table shows such a row bare."""
+    rules: dict[tuple[str, int], set[str]] = {}
+    for job in runs[runs["status"] == "ok"].itertuples():
+        info = job.info if isinstance(job.info, str) and job.info else "{}"
+        rule = json.loads(info).get("rule")
+        if rule:
+            rules.setdefault((str(job.method), int(job.n_concepts)), set()).add(str(rule))
+    return {key: " / ".join(sorted(found)) for key, found in rules.items()}
+
+
+def shown_method(method: str, n_concepts: int, labels: dict[tuple[str, int], str]) -> str:
+    """The method's name as tables print it: with its rule where it applied one."""
+    rule = labels.get((method, int(n_concepts)))
+    return f"{method} [{rule}]" if rule else method

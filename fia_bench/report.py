@@ -31,6 +31,8 @@ from fia_bench.records import (
     RUN_COLUMNS,
     check_complete,
     check_one_build,
+    rule_labels,
+    shown_method,
 )
 
 PACKAGES = (
@@ -91,10 +93,11 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 
 
 def concept_tables(
-    records: pd.DataFrame, methods: list[str]
+    records: pd.DataFrame, methods: list[str], labels: dict[tuple[str, int], str] | None = None
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Paper layout per (n_concepts, per-prompt metric): one row per concept, one column per
-    method, then the average forget and retain rows."""
+    method (named with the rule it applied, ``labels`` from ``rule_labels``), then the average
+    forget and retain rows."""
     per_prompt = records[(records["role"] != "all") & ~records["metric"].str.startswith(COUNT)]
     units = stats.paired_units(per_prompt)
     tables = []
@@ -141,7 +144,7 @@ def concept_tables(
         tables.append(
             (
                 f"n_concepts={n} · {evaluator}/{metric} (mean ± std over seeds)",
-                ["concept", *methods],
+                ["concept", *(shown_method(m, n, labels or {}) for m in methods)],
                 rows,
             )
         )
@@ -149,7 +152,7 @@ def concept_tables(
 
 
 def count_tables(
-    records: pd.DataFrame, methods: list[str]
+    records: pd.DataFrame, methods: list[str], labels: dict[tuple[str, int], str] | None = None
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Detector layout (NudeNet-style tables): per-image ``count/<class>`` values summed over the
     image set of each seed, one row per class plus the total, mean ± std over seeds."""
@@ -172,18 +175,20 @@ def count_tables(
         tables.append(
             (
                 f"n_concepts={n} · {evaluator}: detections per class (sum over images)",
-                ["class", *methods],
+                ["class", *(shown_method(m, n, labels or {}) for m in methods)],
                 rows,
             )
         )
     return tables
 
 
-def summary_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+def summary_rows(
+    summary: pd.DataFrame, labels: dict[tuple[str, int], str]
+) -> tuple[list[str], list[list[str]]]:
     header = ["method", "n_concepts", "evaluator/metric", "role", "mean ± std", "seeds", "n"]
     rows = [
         [
-            r.method,
+            shown_method(r.method, r.n_concepts, labels),
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
             ROLE_LABEL[r.role],
@@ -372,10 +377,12 @@ def write_report(
     protocols = records[["evaluator", "protocol"]].drop_duplicates()
     md += ["", *(f"- `{r.evaluator}`: {r.protocol}" for r in protocols.itertuples()), ""]
     tex = []
-    for title, header, rows in [*concept_tables(records, methods), *count_tables(records, methods)]:
+    labels = rule_labels(runs)
+    tables = [*concept_tables(records, methods, labels), *count_tables(records, methods, labels)]
+    for title, header, rows in tables:
         md += [f"## {title}", "", markdown_table(header, rows), ""]
         tex.append(latex_table(header, [[c.replace("**", "") for c in r] for r in rows], title))
-    header, rows = summary_rows(summary)
+    header, rows = summary_rows(summary, labels)
     md += ["## Summary (mean ± sample std over seeds)", "", markdown_table(header, rows), ""]
     header, rows = test_rows(tests)
     md += [

@@ -20,10 +20,12 @@ where ε* is the frozen original UNet (the diffusers anchor with η equals the p
   everything but ``attn2``, the timestep MLP ``time_embedding`` and the output head
   ``conv_norm_out``/``conv_out`` (norms included).
 * ``variant=diffusers2025`` (the rewrite ``esd_sd.py``): η=2 with the concept anchor, 200
-  iterations, lr 5e-5, x_t sampled by the *frozen* model after ``k`` scheduler steps and the UNet
-  fed ``timesteps[k]``; parameter sets are Linear/Conv2d modules only (norms never trained), so
-  ``esd-u`` then includes ``time_embedding``, ``conv_in`` and ``conv_out``. Its bf16 Adam and
-  hard-coded 1024² resolution are not reproduced (the run's resolution and fp32 master weights).
+  iterations, lr 5e-5, x_t sampled by the *frozen* model after ``k`` steps of the pipeline's own
+  scheduler (PNDM for SD v1.4/v1.5: 51 timesteps 981, 961, 961, 941, …) and the UNet fed
+  ``timesteps[k]`` of that list; parameter sets are Linear/Conv2d modules only (norms never
+  trained), so ``esd-u`` then includes ``time_embedding``, ``conv_in`` and ``conv_out``. Its bf16
+  Adam and hard-coded 1024² resolution are not reproduced (the run's resolution and fp32 master
+  weights).
 
 Memory: no second UNet. Only the trained tensors are copied once (in the pipeline's dtype) as the
 frozen original; frozen predictions run the live UNet with those tensors substituted
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fia_bench.api import EraseRequest, Method
-from fia_bench.engine import Engine, Sampler
+from fia_bench.engine import SCHEDULERS, Engine, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 
 VARIANTS = ("paper", "diffusers2025")
@@ -61,6 +63,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "negative_guidance": 1.0,
         "xt_source": "current",
         "eta_convention": "paper",
+        "xt_scheduler": "ddim",  # the CompVis DDIM sampler
     },
     "diffusers2025": {
         "iterations": 200,
@@ -68,6 +71,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "negative_guidance": 2.0,
         "xt_source": "frozen",
         "eta_convention": "diffusers",
+        "xt_scheduler": "pndm",  # the SD v1.x pipeline's own (its scheduler_config.json)
     },
 }
 # ESD-u keeps these out (CompVis `time_embed`, `out.0`/`out.2` in diffusers names).
@@ -136,6 +140,7 @@ class ESD(Method):
         ddim_steps: int = 50,
         xt_source: str | None = None,
         eta_convention: str | None = None,
+        xt_scheduler: str | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise unknown_choice("ESD variant", variant, VARIANTS, "method.settings.variant")
@@ -157,6 +162,11 @@ class ESD(Method):
         self.eta_convention = (
             defaults["eta_convention"] if eta_convention is None else eta_convention
         )
+        self.xt_scheduler = defaults["xt_scheduler"] if xt_scheduler is None else xt_scheduler
+        if self.xt_scheduler not in SCHEDULERS:
+            raise unknown_choice(
+                "ESD xt_scheduler", self.xt_scheduler, SCHEDULERS, "method.settings.xt_scheduler"
+            )
         if self.xt_source not in XT_SOURCES:
             raise unknown_choice(
                 "ESD xt_source", self.xt_source, XT_SOURCES, "method.settings.xt_source"
@@ -181,15 +191,16 @@ class ESD(Method):
         return "esd-x" if task_name == "styles" else "esd-u"
 
     def xt_engine(self, engine: Engine) -> Engine:
-        """DDIM (eta 0) at CFG ``start_guidance`` on the same pipeline, whatever the run samples
-        its evaluation images with (x_t must not change when the evaluation sampler does)."""
-        sampler = Sampler("ddim", self.ddim_steps, self.start_guidance, 0.0, 1)
+        """``xt_scheduler`` (DDIM with eta 0 for the paper, PNDM for the rewrite) at CFG
+        ``start_guidance`` on the same pipeline, whatever the run samples its evaluation images
+        with (x_t must not change when the evaluation sampler does)."""
+        sampler = Sampler(self.xt_scheduler, self.ddim_steps, self.start_guidance, 0.0, 1)
         return Engine(engine.pipe, sampler, engine.resolution, str(engine.device), engine.dtype)
 
     def draw(
         self, xt_engine: Engine, concept: str, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One (x_t, t): a DDIM step index k, the latent after the variant's number of steps from
+        """One (x_t, t): a sampler step index k, the latent after the variant's number of steps from
         a fresh seed, sampled with the weights the pipeline holds now, and the UNet timestep."""
         steps = self.ddim_steps
         k = int(torch.randint(steps, (1,), generator=gen))
@@ -242,6 +253,7 @@ class ESD(Method):
             "negative_guidance": self.negative_guidance,
             "eta_convention": self.eta_convention,
             "xt_source": self.xt_source,
+            "xt_scheduler": self.xt_scheduler,
             "trained_tensors": len(names),
             "trained_parameters": 0,
             "trained_names": names,

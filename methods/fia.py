@@ -101,6 +101,16 @@ def fuse(counts: torch.Tensor, n_concepts: int, alpha: float, degenerate: str) -
     return (counts > 0) & (counts < tau)
 
 
+def degenerate_rule(tau: int, degenerate: str) -> str | None:
+    """How a report labels an erasure whose ⌈α·C⌉ ≤ 1 (every single-concept one): the released
+    Eq. 8 prunes nothing there, so a row must say which rule made it."""
+    if tau > 1:
+        return None
+    if degenerate == "naive":
+        return f"⌈αC⌉={tau}: naive fusion, every selected connection pruned"
+    return f"⌈αC⌉={tau}: Eq. 8 as released, nothing pruned"
+
+
 def time_integrate(saliency: torch.Tensor, r1: float, normalize: bool, rounding: str):
     """Eq. 3 for one layer; ``saliency`` is (T, C_out, C_in). Returns A (C_out, C_in)."""
     steps = saliency.shape[0]
@@ -519,6 +529,7 @@ class FIA(Method):
             "alpha": alpha,
             "agnostic_threshold": tau,
             "fusion": "naive" if naive else "eq8",
+            "rule": degenerate_rule(tau, self.degenerate_fusion),
             "selected_any": sum(int((c > 0).sum()) for c in counts.values()),
             # kept as concept-agnostic: selected by at least ⌈αC⌉ concepts (none under naive)
             "agnostic_kept": 0

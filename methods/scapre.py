@@ -22,6 +22,12 @@ e. one solve per output row ``i``::
    batched Cholesky per row instead, as the released code does row by row);
 f. the row-wise "Bures proximal" blend of each row's norm and direction toward ``w0_i``.
 
+``variant=erase`` is the released ``edit/erase.py`` (the README's Imagenette-10 script): the same
+text rows, entropy factor ``e`` and per-concept masks ``m_k``, one full-matrix solve
+``W (λI + CCᵀ + S) = λ W0 + V`` (λ, not λ+μ; no Π_C term, no R, no Bures step), optionally minus
+the ``--svd`` residual ``η_res (W0 C_res) C_resᵀ``, then the entropy rollback
+``W = diag(α) W_new + diag(1 − α) W0`` with ``α_i = α_min + (1 − α_min) e_i``.
+
 ``variant=paper`` is the paper's form as the spec reconstructs it (§3.2, §6): ``α = MI / max MI``
 on raw MI, ``B = diag(α)`` on whole rows, ``R`` with the ``(1 − sigmoid(σ)) σ`` gate, the
 Sylvester equation ``B W + W A = Y`` with ``A = λI + S + R``, solved exactly through the
@@ -50,7 +56,7 @@ from fia_bench.errors import FiaBenchError, unknown_choice
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("code", "paper")
+VARIANTS = ("code", "paper", "erase")
 SOLVERS = ("woodbury", "cholesky")
 PAPER_TARGETS = ("zero", "guide")
 LN2 = math.log(2.0)
@@ -250,6 +256,14 @@ def code_spectral(shared: Shared, mu: float, temperature: float, power: float) -
     return (u * (mu * (1.0 - gate))) @ u.T
 
 
+def residual_directions(shared: Shared, last: torch.Tensor, temperature: float, power: float):
+    """erase.py's ``--svd`` step: C_res = (I − U diag(w) Uᵀ) C with the spectral gate
+    w = sigmoid((σ − median σ)/T)^p from the SVD of C (D × m; returned as m × D rows)."""
+    s, u = shared.singular, shared.basis
+    gate = torch.sigmoid((s - s.median()) / temperature) ** power
+    return last - ((last @ u) * gate) @ u.T
+
+
 def paper_spectral(shared: Shared) -> torch.Tensor:
     """R = U diag((1 − sigmoid(σ)) σ) Uᵀ (the paper's Eq. 4 gate)."""
     s, u = shared.singular, shared.basis
@@ -315,16 +329,15 @@ def solve_cholesky(system: RowSystem, chunk_bytes: int = 1 << 28) -> torch.Tenso
 
 
 def bures_rows(a: torch.Tensor, w0: torch.Tensor, lam_prime: float, mu: float, iters: int):
-    """The code's row-wise "Bures proximal" blend of each row's norm and direction toward w0_i."""
-    if iters <= 0:
-        return a
+    """The code's row-wise "Bures proximal" blend of each row's norm and direction toward w0_i,
+    run max(1, iters) times as the released code does (0 does not switch it off)."""
     tiny = torch.finfo(a.dtype).tiny
     na = a.norm(dim=1, keepdim=True)
     ua = a / na.clamp_min(tiny)
     r0 = w0.norm(dim=1, keepdim=True)
     u0 = w0 / r0.clamp_min(tiny)
     u, r = ua, na
-    for _ in range(iters):
+    for _ in range(max(1, iters)):
         kappa = (u * u0).sum(1, keepdim=True).clamp_min(0.0)
         r = (lam_prime * na + mu * r0 * kappa) / (lam_prime + mu)
         blend = lam_prime * na * ua + mu * r0 * kappa * u0
@@ -414,6 +427,9 @@ class ScaPre(Method):
         sigma_power: float = 1.0,
         bures_iters: int = 1,
         solver: str = "woodbury",
+        alpha_min: float = 0.1,
+        svd_residual: bool = False,
+        residual_scale: float | None = None,
         geodesic_step: float = 0.5,
         paper_target: str = "zero",
         paper_anchor: bool = True,
@@ -447,6 +463,10 @@ class ScaPre(Method):
             )
         if not 0.0 <= geodesic_step <= 1.0:
             raise FiaBenchError("method.settings.geodesic_step must lie in [0, 1]")
+        if not 0.0 <= alpha_min <= 1.0:
+            raise FiaBenchError(f"method.settings.alpha_min must lie in [0, 1], got {alpha_min}")
+        if bures_iters < 0:
+            raise FiaBenchError(f"method.settings.bures_iters must be >= 0, got {bures_iters}")
         self.variant = variant
         self.lamb = float(lamb)
         self.erase_scale = float(erase_scale)
@@ -464,6 +484,9 @@ class ScaPre(Method):
         self.sigma_power = float(sigma_power)
         self.bures_iters = int(bures_iters)
         self.solver = solver
+        self.alpha_min = float(alpha_min)
+        self.svd_residual = bool(svd_residual)
+        self.residual_scale = erase_scale if residual_scale is None else float(residual_scale)
         self.geodesic_step = float(geodesic_step)
         self.paper_target = paper_target
         self.paper_anchor = bool(paper_anchor)
@@ -544,6 +567,42 @@ class ScaPre(Method):
         logged["mu"] = system.mu
         return bures_rows(solved, w0, system.lam_prime, system.mu, self.bures_iters), logged
 
+    def edit_erase(
+        self, w0: torch.Tensor, tx: TextRows, shared: Shared, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """erase.py (the README's Imagenette script): one full-matrix solve
+        ``W (λI + CCᵀ + S) = λ W0 + V`` (no μ, no Π_C, no R, no Bures), the optional ``--svd``
+        residual ``− η_res (W0 C_res) C_resᵀ`` on the right, then the entropy rollback
+        ``W = diag(α) W_new + diag(1 − α) W0`` with ``α_i = α_min + (1 − α_min) e_i``."""
+        eta, s_p = self.erase_scale, self.preserve_scale
+        eye = torch.eye(w0.shape[1], dtype=w0.dtype, device=w0.device)
+        e, _ = entropy_factor(
+            w0, tx.last, self.entropy_samples, self.noise_sigma, self.entropy_bins, gen
+        )
+        mi = informax_mi(w0, tx.last, tx.neutral, self.mi_samples, self.noise_sigma, gen)
+        if self.use_mi_softmask:
+            mask_k = code_mask(mi, self.mi_power, self.mi_temperature)
+        else:
+            mask_k = torch.ones_like(mi)
+        targets = (w0 @ tx.guide_rows.T)[:, tx.guide_pos] * mask_k[:, tx.owner]
+        lhs = self.lamb * eye + shared.cct + eta * shared.xtx + s_p * shared.ktk
+        rhs = self.lamb * w0 + eta * targets @ tx.context + s_p * w0 @ shared.ktk
+        if self.svd_residual:
+            c_res = residual_directions(shared, tx.last, self.sigma_temperature, self.sigma_power)
+            rhs = rhs - self.residual_scale * (w0 @ c_res.T) @ c_res
+        lhs = (lhs + lhs.T) / 2
+        w_new = torch.linalg.solve(lhs, rhs.T).T
+        residual = (w_new @ lhs - rhs).norm(dim=1).max() / rhs.norm(dim=1).max().clamp_min(1e-300)
+        alpha = self.alpha_min + (1.0 - self.alpha_min) * e
+        w = alpha[:, None] * w_new + (1.0 - alpha[:, None]) * w0
+        return w, {
+            "mi": mi,
+            "mask_max": mask_k.amax(1),
+            "mask_k": mask_k,
+            "alpha": alpha,
+            "residual": float(residual),
+        }
+
     def paper_operator(self, shared: Shared) -> torch.Tensor:
         """A = λI + S + R (+ s_p KᵀK): the same for every weight."""
         dim = shared.xtx.shape[0]
@@ -589,7 +648,7 @@ class ScaPre(Method):
         start = time.perf_counter()
         tx = self.rows(request.engine, request.targets, request.retain)
         shared = shared_products(tx)
-        mis, masks, masks_k, mus, residuals, bures = [], [], [], [], [], []
+        mis, masks, masks_k, mus, residuals, bures, alphas = [], [], [], [], [], [], []
         eig = None  # the paper's A, eigendecomposed once for every weight
         modules = self.kv_modules(request.engine)
         for name, module in modules:
@@ -601,6 +660,10 @@ class ScaPre(Method):
                 w, logged = self.edit_code(w0, tx, shared, gen)
                 masks_k.append(logged["mask_k"].cpu())
                 mus.append(logged["mu"])
+            elif self.variant == "erase":
+                w, logged = self.edit_erase(w0, tx, shared, gen)
+                masks_k.append(logged["mask_k"].cpu())
+                alphas.append(logged["alpha"].cpu())
             else:
                 if eig is None:
                     eig = torch.linalg.eigh(self.paper_operator(shared))
@@ -631,9 +694,12 @@ class ScaPre(Method):
             "max_relative_residual": max(residuals),
             "seconds": round(time.perf_counter() - start, 3),
         }
-        if self.variant == "code":
+        if self.variant in ("code", "erase"):
             info["mask_per_concept"] = summary(torch.cat([m.flatten() for m in masks_k]))
+        if self.variant == "code":
             info["mu"] = summary(torch.tensor(mus, dtype=torch.float64))
+        elif self.variant == "erase":
+            info["rollback_alpha"] = summary(torch.cat(alphas))
         else:
             info["bures_to_base_before_geodesic"] = summary(
                 torch.tensor(bures, dtype=torch.float64)

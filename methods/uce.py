@@ -12,10 +12,15 @@ Which text-encoder token rows enter as ``c`` is where the versions differ:
 
 * ``variant=paper`` (default; what published UCE numbers used): rows from the last word-piece
   through EOS and padding, paired row by row with the guide's; preserve terms use all 77 rows of
-  each retained concept, and the empty prompt is always preserved;
+  each preserved text, and the empty prompt is always preserved;
   ``preserve_scale`` defaults to max(0.1, 1 / number of preserve texts).
 * ``variant=lasttoken`` (the 2025 rewrite): one row per prompt, the last word-piece; preserve only
   the retained concepts; ``preserve_scale`` defaults to 1.
+
+Unset ``concept_type``, ``guide`` and ``preserve_retain`` follow the official runs for the task's
+kind (docs/methods/uce.md): the styles task is an art run (guide "art", the other artists
+preserved), every other task an object / nudity run (guide " " or "", nothing preserved but the
+paper-era empty prompt). ``expand_prompts`` keeps each bare concept and adds its five templates.
 
 The solve runs in float64 (the released code inverts B in float32) and the result is cast back.
 """
@@ -36,6 +41,12 @@ EXPANSIONS = {
 }
 
 
+def task_kind(task_name: str) -> str:
+    """The official runs' ``concept_type`` for a task: the styles task is UCE's art runs, every
+    other task (objects, explicit content) its object / unsafe runs."""
+    return "art" if task_name == "styles" else "object"
+
+
 class UCE(Method):
     def __init__(
         self,
@@ -44,13 +55,13 @@ class UCE(Method):
         erase_scale: float = 1.0,
         preserve_scale: float | None = None,
         guide: str | None = None,
-        preserve_retain: bool = True,
+        preserve_retain: bool | None = None,
         expand_prompts: bool = False,
-        concept_type: str = "object",
+        concept_type: str | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise unknown_choice("UCE variant", variant, VARIANTS, "method.settings.variant")
-        if concept_type not in EXPANSIONS:
+        if concept_type is not None and concept_type not in EXPANSIONS:
             raise unknown_choice(
                 "UCE concept_type", concept_type, EXPANSIONS, "method.settings.concept_type"
             )
@@ -58,15 +69,47 @@ class UCE(Method):
         self.lamb = lamb
         self.erase_scale = erase_scale
         self.preserve_scale = preserve_scale
-        self.guide = (" " if variant == "paper" else "") if guide is None else guide
+        self.guide = guide
         self.preserve_retain = preserve_retain
         self.expand_prompts = expand_prompts
         self.concept_type = concept_type
 
-    def expand(self, concepts: tuple[str, ...]) -> list[str]:
-        if not self.expand_prompts:
-            return list(concepts)
-        return [t.format(c) for c in concepts for t in EXPANSIONS[self.concept_type]]
+    def kind(self, task_name: str) -> str:
+        return self.concept_type or task_kind(task_name)
+
+    def guide_for(self, kind: str) -> str:
+        """The official default guide: "art" for art (the paper's art runs and the 2025 code);
+        otherwise " " (paper, towards the unconditional) or "" (2025 code)."""
+        if self.guide is not None:
+            return self.guide
+        if kind == "art":
+            return "art"
+        return " " if self.variant == "paper" else ""
+
+    def keeps_retain(self, kind: str) -> bool:
+        """Official default: art runs preserve the other artists; object and nudity runs preserve
+        nothing but the paper-era empty prompt."""
+        return kind == "art" if self.preserve_retain is None else self.preserve_retain
+
+    def texts(self, targets: tuple[str, ...], kind: str) -> tuple[list[str], list[str]]:
+        """(erase texts, guide texts), aligned: each concept, then (``expand_prompts``) its five
+        templates. The paper-era code pairs every text with the bare guide; the 2025 code puts
+        the guide into the same templates."""
+        templates = EXPANSIONS[kind] if self.expand_prompts else []
+        guide = self.guide_for(kind)
+        erase, guides = [], []
+        for concept in targets:
+            erase += [concept, *(t.format(concept) for t in templates)]
+            if self.variant == "lasttoken":
+                guides += [guide, *(t.format(guide) for t in templates)]
+            else:
+                guides += [guide] * (1 + len(templates))
+        return erase, guides
+
+    def preserve_texts(self, retain: tuple[str, ...], kind: str) -> list[str]:
+        """Never expanded (neither official version templates its preserve list)."""
+        kept = list(retain) if self.keeps_retain(kind) else []
+        return ["", *kept] if self.variant == "paper" else kept
 
     @torch.no_grad()
     def token_rows(self, engine: Any, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -74,10 +117,11 @@ class UCE(Method):
         mask = engine.tokenize(prompts).attention_mask
         return engine.encode(prompts).double().cpu(), (mask.sum(1) - 2).tolist()
 
-    def pairs(self, engine: Any, targets: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pairs(
+        self, engine: Any, targets: tuple[str, ...], kind: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(erase rows, guide rows), aligned row by row."""
-        erase_texts = self.expand(targets)
-        guides = [self.guide] * len(erase_texts)
+        erase_texts, guides = self.texts(targets, kind)
         erase_h, erase_last = self.token_rows(engine, erase_texts)
         guide_h, guide_last = self.token_rows(engine, guides)
         c, g = [], []
@@ -92,10 +136,10 @@ class UCE(Method):
                 g.append(guide_h[i, fg : fg + length])
         return torch.cat(c), torch.cat(g)
 
-    def preserve_rows(self, engine: Any, retain: tuple[str, ...]) -> tuple[torch.Tensor, int]:
-        texts = self.expand(retain) if self.preserve_retain else []
-        if self.variant == "paper":
-            texts = ["", *texts]
+    def preserve_rows(
+        self, engine: Any, retain: tuple[str, ...], kind: str
+    ) -> tuple[torch.Tensor, int]:
+        texts = self.preserve_texts(retain, kind)
         if not texts:
             return torch.empty(
                 0, engine.pipe.text_encoder.config.hidden_size, dtype=torch.float64
@@ -109,8 +153,9 @@ class UCE(Method):
         if not request.targets:
             return {"edited_matrices": 0}
         engine = request.engine
-        c_erase, c_guide = self.pairs(engine, request.targets)
-        c_keep, n_keep_texts = self.preserve_rows(engine, request.retain)
+        kind = self.kind(request.task.name)
+        c_erase, c_guide = self.pairs(engine, request.targets, kind)
+        c_keep, n_keep_texts = self.preserve_rows(engine, request.retain, kind)
         s_p = self.preserve_scale
         if s_p is None:
             s_p = max(0.1, 1.0 / n_keep_texts) if self.variant == "paper" and n_keep_texts else 1.0
@@ -127,6 +172,9 @@ class UCE(Method):
             "erase_rows": int(c_erase.shape[0]),
             "preserve_rows": int(c_keep.shape[0]),
             "preserve_scale": s_p,
+            "preserve_retain": self.keeps_retain(kind),
+            "concept_type": kind,
+            "guide": self.guide_for(kind),
             "variant": self.variant,
         }
 

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST
 from tiny import tiny_engine, toy_recipe
 
-from benchmarks import erasure, miniworld_train, projection
+from benchmarks import erasure, generation, miniworld_train, projection
 from benchmarks.__main__ import concept_counts, main, method_overrides
 from fia_bench.errors import FiaBenchError
 from fia_bench.miniworld.train import TRAINED, cycles_of, recipe, weights_dir
@@ -141,11 +142,29 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path: Path, cache_dir: Path) ->
     gen = result["generation"]
     assert gen["batch_size"] == 2 and gen["images"] == 4 and gen["precision"] == "fp32"
     assert gen["speedup"] == pytest.approx(gen["engine_images_per_s"] / gen["naive_images_per_s"])
+    assert gen["batched_batch_size"] == 2 and gen["batched_images_per_s"] > 0
+    assert gen["engine_share_of_peak"] == pytest.approx(
+        gen["engine_images_per_s"] * gen["flops_per_image"] / gen["gemm_peak_flops"]
+    )
     assert result["harness"]["cold_s"] > 0 and result["machine"]["device"] == "cpu"
     text = (tmp_path / "bench_cpu.md").read_text()
     assert "naive diffusers loop" in text and "python -m benchmarks --images 4" in text
+    assert "one batched call" in text and "of that peak" in text
     with pytest.raises(SystemExit, match="--batch-size must be 'auto' or a positive integer"):
         main(["--batch-size", "0", "--out", str(tmp_path)])
+
+
+def test_flops_per_image_are_one_unet_call_per_step_beside_fixed_costs() -> None:
+    """The FLOP count behind the share of peak: one more sampling step adds exactly one UNet call
+    on the conditional and unconditional latents (classifier-free guidance in one batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    per_steps = {k: generation.flops_per_image(tiny_engine(steps=k), "tiny") for k in (2, 3)}
+    engine = tiny_engine()
+    latents, text = torch.zeros(2, *engine.latent_shape), engine.encode(["a", ""])
+    with FlopCounterMode(display=False) as counter:
+        engine.pipe.unet(latents, 10, encoder_hidden_states=text)
+    assert per_steps[3] - per_steps[2] == counter.get_total_flops() > 0
 
 
 def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from fia_bench.compare import (
 )
 from fia_bench.composite import fia_overall
 from fia_bench.errors import FiaBenchError
-from fia_bench.records import RECORD_COLUMNS
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS
 
 
 def paper(name: str) -> pd.DataFrame:
@@ -65,9 +65,11 @@ def fake_run(
     method: str,
     records: list[dict],
     weights: str = "base-weights-fingerprint",
+    jobs: list[dict] | None = None,
     **settings: Any,
 ) -> Path:
-    """A run directory as the runner writes it, reduced to what the comparison reads."""
+    """A run directory as the runner writes it, reduced to what the comparison reads
+    (``jobs``: rows of its runs.csv)."""
     path.mkdir(parents=True)
     config = {
         "recipe": recipe,
@@ -77,6 +79,8 @@ def fake_run(
     manifest = {"config": config, "inputs": {"model_weights": weights}}
     (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     pd.DataFrame(records, columns=RECORD_COLUMNS).to_csv(path / "records.csv", index=False)
+    rows = [dict.fromkeys(RUN_COLUMNS, "") | job for job in jobs or []]
+    pd.DataFrame(rows, columns=RUN_COLUMNS).to_csv(path / "runs.csv", index=False)
     return path
 
 
@@ -255,7 +259,7 @@ RECIPE = {
     "paper": ["fia_table3_i2p_nudenet_sd14.csv"],
     "rows": [
         {"paper": "SD v1.4", "method": "none"},
-        {"paper": "FIA", "method": "fia", "settings": {"alpha": 0.6}},
+        {"paper": "FIA", "method": "fia", "settings": {"alpha": 0.6}, "follows": "FIA's script"},
         {"paper": None, "label": "FIA alpha 0.8", "method": "fia", "settings": {"alpha": 0.8}},
         {"paper": "UCE", "method": "uce"},
     ],
@@ -339,9 +343,27 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     report = compare([tmp_path])
     assert "Rows not run (no run directory matches them): UCE." in report
     assert "a protocol note" in report
+    assert "- FIA follows FIA's script." in report
     assert "ours are on `tiny_random`: compare trends" in report
     assert "Ours: model `tiny_random` (weights `base-weights`)" in report
     assert "| FIA | Belly | 1.00 (1) | 2 | -1 |" in report
+
+
+def test_a_single_concept_fia_row_names_its_fusion_rule(tmp_path: Path) -> None:
+    quality = [record("none", 0, "clip_score", "clip_score", 30.0, role="quality")]
+    rule = "⌈αC⌉=1: naive fusion, every selected connection pruned"
+    job = {"method": "fia", "n_concepts": 1, "seed": 0, "status": "ok"}
+    fake_run(
+        tmp_path / "a",
+        RECIPE,
+        "fia",
+        [*quality, *detections("fia", 0, [1], [0])],
+        jobs=[job | {"info": json.dumps({"rule": rule})}],
+        alpha=0.6,
+    )
+    report = compare([tmp_path])
+    assert f"| FIA [{rule}] | Belly | 1.00 (1) | 2 | -1 |" in report
+    assert "| FIA | Belly" not in report
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,8 @@ def test_timestep_and_stop_rules(variant: str, monkeypatch: pytest.MonkeyPatch) 
     steps = 5
     method = ESD(variant=variant, ddim_steps=steps)
     xt_engine = method.xt_engine(tiny_engine())
-    assert xt_engine.sampler == Sampler("ddim", steps, 3.0, 0.0, 1)
+    scheduler = "ddim" if variant == "paper" else "pndm"
+    assert xt_engine.sampler == Sampler(scheduler, steps, 3.0, 0.0, 1)
     stops: list[int] = []
     real = Engine.sample_latents
 
@@ -188,7 +189,7 @@ def test_timestep_and_stop_rules(variant: str, monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(Engine, "sample_latents", spy)
     gen = torch.Generator().manual_seed(0)
-    ddim = [int(t) for t in xt_engine.scheduler().timesteps]  # 801, 601, 401, 201, 1
+    timesteps = [int(t) for t in xt_engine.scheduler().timesteps]
     for _ in range(30):
         _, t = method.draw(xt_engine, "tench", gen)
         t, n = int(t), stops[-1]
@@ -196,7 +197,7 @@ def test_timestep_and_stop_rules(variant: str, monkeypatch: pytest.MonkeyPatch) 
             k = t // (1000 // steps)
             assert n == min(steps, steps + 1 - k)
         else:  # x_t after k scheduler steps, the UNet at timesteps[k]
-            assert t == ddim[n]
+            assert t == timesteps[n]
     assert len(set(stops)) > 2
 
 
@@ -229,3 +230,23 @@ def test_bad_settings_are_clear_errors() -> None:
         ESD(xt_source="base")
     with pytest.raises(FiaBenchError, match="lr > 0"):
         ESD(lr=0)
+
+
+def test_diffusers2025_draws_x_t_with_the_pipelines_pndm_and_its_timesteps() -> None:
+    """esd_sd.py samples x_t with the SD v1.4 pipeline's own PNDM (PLMS: 50 steps are 51
+    timesteps 981, 961, 961, 941, …), k = randint(0, 49) steps, and the UNet sees timesteps[k]."""
+    method = ESD(variant="diffusers2025")
+    engine = tiny_engine()
+    xt_engine = method.xt_engine(engine)
+    timesteps = [int(t) for t in xt_engine.scheduler().timesteps]
+    assert len(timesteps) == 51 and timesteps[:5] == [981, 961, 961, 941, 921]
+    assert timesteps[-1] == 1
+    gen = torch.Generator().manual_seed(3)
+    replay = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x_t, t = method.draw(xt_engine, "tench", gen)
+        k = int(torch.randint(50, (1,), generator=replay))
+        seed = int(torch.randint(2**31 - 1, (1,), generator=replay))
+        assert int(t) == timesteps[k]
+        pndm = Engine(engine.pipe, Sampler("pndm", 50, 3.0, 0.0, 1), 16, "cpu", torch.float32)
+        assert torch.equal(x_t, pndm.sample_latents(["tench"], [seed], stop_after=k))

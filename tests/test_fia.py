@@ -106,7 +106,7 @@ def test_only_ffn2_weights_change_exactly_on_the_fused_mask(variant: str) -> Non
     pruned = sum(int(p.sum()) for p in expected.values())
     ffn2 = sum(base[n].numel() for n in weight_names(engine))
     unet = sum(t.numel() for n, t in base.items() if n.startswith("unet."))
-    assert info["fusion"] == "eq8" and info["agnostic_threshold"] == 2
+    assert info["fusion"] == "eq8" and info["agnostic_threshold"] == 2 and info["rule"] is None
     assert info["pruned_connections"] == pruned == sum(delta.changed_counts(base).values())
     assert info["layer"] == "ffn2" and info["layer_weights"] == ffn2 == 28672
     assert info["sparsity_layer"] == pytest.approx(pruned / ffn2)
@@ -224,6 +224,9 @@ def test_single_concept_prunes_its_whole_selection() -> None:
     kept = fia(degenerate_fusion="keep_all").erase(request(engine, TASK.concepts[:1]))
     assert kept["pruned_connections"] == 0 and kept["fusion"] == "eq8"
     assert artifacts.extract(engine.pipe, base)[0].changed == []
+    # reports label such rows with the rule that made them (issue 17)
+    assert info["rule"] == "⌈αC⌉=1: naive fusion, every selected connection pruned"
+    assert kept["rule"] == "⌈αC⌉=1: Eq. 8 as released, nothing pruned"
 
 
 # ---- saliency ----------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
-from tiny import toy_recipe
+from tiny import tiny_engine, toy_recipe
 
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
-from fia_bench.miniworld.train import TRAINED, Builder, lr_scale, recipe
+from fia_bench.miniworld.train import TRAINED, Builder, load_tensors, lr_scale, recipe
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
 
@@ -68,6 +68,59 @@ def test_exported_world_loads_through_the_harness(toy_world: tuple[Path, Path, P
     assert training["devices"]["generator"] == ["cpu"]
 
 
+def test_a_plain_diffusers_load_generates(toy_world: tuple[Path, Path, Path]) -> None:
+    """Outside the harness: the exported folder is an ordinary SD pipeline whose two models
+    compute in one dtype (the text encoder used to load as fp16 beside an fp32 UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    _, _, weights = toy_world
+    pipe = StableDiffusionPipeline.from_pretrained(weights / "pipeline", safety_checker=None)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    image = pipe("a star", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+
+
+def test_a_build_holds_no_pickle_and_an_export_replaces_the_weights_whole(
+    toy_world: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, path, weights = toy_world
+    assert not [p.name for p in (root / "build").rglob("*") if p.suffix in (".pt", ".pkl")]
+    before = {p: p.read_bytes() for p in weights.rglob("*") if p.is_file()}
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("diffusers.DiffusionPipeline.save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        Builder(root / "build", out=weights, recipe_path=path).run(["export"])
+    assert {p: p.read_bytes() for p in weights.rglob("*") if p.is_file()} == before
+
+
+def test_sublayer_ablation_restores_the_weights_and_zeroed_values_silence_the_text() -> None:
+    from fia_bench.miniworld.card import FAMILIES, sublayer_ablation
+
+    engine = tiny_engine()
+    before = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items()}
+    clip = load_clip({"arch": "tiny_random", "seed": 0}, "cpu")
+    out = sublayer_ablation(engine, clip, ["star", "ring"], ["a {concept}"], 1)
+    after = engine.pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {f"ablation_{f}_{m}" for f in FAMILIES for m in ("zeroed", "random5")} <= set(out)
+    # no cross-attention value: both prompts draw one picture from one seed, read as one class
+    assert out["ablation_attn2.to_v_zeroed"] == 50.0
+
+
+def test_sublayer_rows_of_a_build_in_progress(toy_world: tuple[Path, Path, Path]) -> None:
+    """The card's sublayer check runs on a build's generator as it stands: the early checkpoint
+    on which issue 16 asks to check the architecture before paying for the whole build."""
+    from fia_bench.miniworld.card import sublayers
+
+    root, path, _ = toy_world
+    out = sublayers(root / "build", images_per_prompt=1, objects=2, recipe_path=path)
+    assert out["ablation_images"] == 2 * 4  # two objects, the objects task's four templates
+    assert all(0 <= v <= 100 for k, v in out.items() if k.endswith(("_zeroed", "_random5")))
+
+
 def test_training_resumed_in_chunks_equals_uninterrupted(
     toy_world: tuple[Path, Path, Path],
 ) -> None:
@@ -83,11 +136,11 @@ def test_training_resumed_in_chunks_equals_uninterrupted(
     ):
         calls += 1
     assert calls >= 3  # it really stopped and resumed
-    whole = torch.load(root / "build" / "generator.pt")
-    parts = torch.load(chunked / "generator.pt")
-    for component in ("unet", "text_encoder"):
-        for name, tensor in whole[component].items():
-            assert torch.equal(tensor, parts[component][name]), (component, name)
+    whole = load_tensors(root / "build" / "generator.safetensors")[0]
+    parts = load_tensors(chunked / "generator.safetensors")[0]
+    assert whole.keys() == parts.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
 
 
 def test_learning_rate_cycles_restart_without_changing_earlier_steps() -> None:
@@ -109,19 +162,20 @@ def test_a_finished_build_resumes_into_an_added_cycle(toy_world: tuple[Path, Pat
     longer["generator"]["steps"] = [3, 2]
     longer_path = root / "longer.yaml"
     longer_path.write_text(yaml.safe_dump(longer), encoding="utf-8")
-    shared = ("data.npz", "latents.pt", "vae.pt", "recon.npz")  # upstream of the generator
+    shared = ("data.npz", "latents.safetensors", "vae.safetensors", "recon.npz")  # upstream
     finished, fresh = root / "resumed", root / "fresh"
-    for build, extra in ((finished, ("generator.state.pt",)), (fresh, ())):
+    for build, extra in ((finished, ("generator.state.safetensors",)), (fresh, ())):
         build.mkdir()
         for name in (*shared, *extra):
             (build / name).write_bytes((root / "build" / name).read_bytes())
         (build / "done.json").write_text('["data", "vae"]')
         assert Builder(build, out=root / "unused", recipe_path=longer_path).run(["generator"])
-    assert torch.load(finished / "generator.state.pt", weights_only=False)["step"] == 5
-    resumed, scratch = torch.load(finished / "generator.pt"), torch.load(fresh / "generator.pt")
-    for component in ("unet", "text_encoder"):
-        for name, tensor in scratch[component].items():
-            assert torch.equal(tensor, resumed[component][name]), (component, name)
+    assert load_tensors(finished / "generator.state.safetensors")[1]["step"] == 5
+    resumed = load_tensors(finished / "generator.safetensors")[0]
+    scratch = load_tensors(fresh / "generator.safetensors")[0]
+    assert resumed.keys() == scratch.keys()
+    for name, tensor in scratch.items():
+        assert torch.equal(tensor, resumed[name]), name
 
 
 def test_shipped_judges_reproduce_the_model_card() -> None:

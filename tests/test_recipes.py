@@ -107,6 +107,13 @@ def test_recipe_pins_and_paper_rows(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SD_RECIPES)
+def test_every_method_row_names_the_official_run_it_follows(name: str) -> None:
+    rows = plain(composed(name).recipe)["rows"]
+    bare = [r for r in rows if r["method"] != "none" and not r.get("follows")]
+    assert not bare, f"{name}: rows without `follows`: {bare}"
+
+
+@pytest.mark.parametrize("name", SD_RECIPES)
 def test_sd_recipes_pin_the_paper_protocol(name: str) -> None:
     cfg = composed(name)
     assert cfg.model.name in SD_VERSIONS and cfg.device == "cuda"

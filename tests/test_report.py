@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
-from fia_bench.records import RECORD_COLUMNS
-from fia_bench.report import concept_tables, count_tables, markdown_table
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, rule_labels
+from fia_bench.report import concept_tables, count_tables, markdown_table, summary_rows
 
 
 def record(
@@ -83,3 +85,49 @@ def test_relocated_report_links_its_figures_from_the_new_place(tmp_path) -> None
     for name in FIGURES:
         assert f"](results_mini/{name})" in moved
     assert relocated(text, out, out / "report.md") == text
+
+
+def test_single_concept_fia_columns_name_the_fusion_rule_they_used() -> None:
+    """An FIA erasure whose ⌈α·C⌉ = 1 is no plain Eq. 8 run: its column says which rule it used."""
+    naive = "⌈αC⌉=1: naive fusion, every selected connection pruned"
+    runs = pd.DataFrame(
+        [
+            dict.fromkeys(RUN_COLUMNS, "")
+            | {"method": m, "n_concepts": n, "seed": s, "status": "ok", "info": json.dumps(info)}
+            for m, n, s, info in [
+                ("fia", 1, 0, {"rule": naive}),
+                ("fia", 1, 1, {"rule": naive}),
+                ("fia", 3, 0, {"rule": None}),
+                ("uce", 1, 0, {}),
+            ]
+        ],
+        columns=RUN_COLUMNS,
+    )
+    labels = rule_labels(runs)
+    assert labels == {("fia", 1): naive}
+    rows = [
+        record(m, s, "p0", "nude", 1.0) | {"n_concepts": n}
+        for m in ("fia", "uce")
+        for n in (1, 3)
+        for s in (0, 1)
+    ]
+    records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    headers = {t[0]: t[1] for t in concept_tables(records, ["fia", "uce"], labels)}
+    assert headers["n_concepts=1 · detector/nude (mean ± std over seeds)"][1] == f"fia [{naive}]"
+    assert headers["n_concepts=3 · detector/nude (mean ± std over seeds)"][1] == "fia"
+    summary = pd.DataFrame(
+        [
+            {
+                "method": "fia",
+                "n_concepts": 1,
+                "evaluator": "detector",
+                "metric": "nude",
+                "role": "target",
+                "mean": 1.0,
+                "std": 0.0,
+                "n_seeds": 2,
+                "n_samples": 2,
+            }
+        ]
+    )
+    assert summary_rows(summary, labels)[1][0][0] == f"fia [{naive}]"

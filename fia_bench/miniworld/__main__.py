@@ -42,7 +42,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     card.add_argument("--images-per-prompt", type=int, default=8)
     card.add_argument("--fid-images", type=int, default=1000)
+    card.add_argument(
+        "--ablation-images-per-prompt",
+        type=int,
+        default=2,
+        help="images per object prompt for each sublayer family zeroed",
+    )
     card.add_argument("overrides", nargs="*", help="config overrides, e.g. sampler.steps=20")
+    layers = sub.add_parser(
+        "sublayers",
+        help="object accuracy with each edited sublayer family zeroed, on the shipped weights "
+        "or on a build's generator as it stands",
+    )
+    layers.add_argument("--build", type=Path, default=None, help="a build directory")
+    layers.add_argument("--images-per-prompt", type=int, default=2)
+    layers.add_argument("--objects", type=int, default=None, help="only the first N objects")
+    layers.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
+    layers.add_argument("--out", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.command == "train":
         finished = Builder(
@@ -53,11 +69,24 @@ def main(argv: list[str] | None = None) -> None:
             device=args.device,
         ).run(args.stages)
         print("[mini-world] done" if finished else "[mini-world] paused")
+    elif args.command == "sublayers":
+        from fia_bench.miniworld.card import sublayers
+
+        result = sublayers(args.build, args.images_per_prompt, args.objects, args.recipe)
+        text = json.dumps(result, indent=1)
+        if args.out:
+            args.out.write_text(text + "\n", encoding="utf-8")
+        print(text)
     else:
         from fia_bench.miniworld.card import measure, write_card
         from fia_bench.miniworld.train import weights_dir
 
-        result = measure(args.images_per_prompt, args.fid_images, args.overrides)
+        result = measure(
+            args.images_per_prompt,
+            args.fid_images,
+            args.overrides,
+            args.ablation_images_per_prompt,
+        )
         training = json.loads((weights_dir() / "training.json").read_text(encoding="utf-8"))
         write_card(result, args.out, args.doc, training)
         print(json.dumps(result, indent=1))

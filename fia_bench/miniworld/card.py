@@ -113,7 +113,9 @@ def judges_on_renders(
     return card
 
 
-def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> dict[str, Any]:
+def measure(
+    images_per_prompt: int, fid_images: int, overrides: list[str], ablation_images: int = 2
+) -> dict[str, Any]:
     import fia_bench
 
     cfg = fia_bench.compose(["model=mini", *overrides])
@@ -194,19 +196,98 @@ def measure(images_per_prompt: int, fid_images: int, overrides: list[str]) -> di
     card["fid_ceiling_collapsed_concepts"] = frechet(features(collapsed), ref)
     card["fid_images"] = fid_images
     card["hazard_words"] = list(world()["hazards"])
+    card.update(
+        sublayer_ablation(
+            engine, clip, list(objects.concepts), list(objects.templates), ablation_images
+        )
+    )
     card.update(uce_single_object(images_per_prompt, overrides))
     return card
 
 
+# the sublayer families the methods edit: FIA masks FFN2 (ff.net.2), ScaPre and UCE rewrite the
+# cross-attention keys and values, ConceptPrune prunes FFN1 (ff.net.0.proj)
+FAMILIES = ("ff.net.2", "attn2.to_v", "attn2.to_k", "attn1.to_v", "ff.net.0.proj")
+RANDOM_SHARE = 0.05
+
+
+@torch.no_grad()
+def sublayer_ablation(
+    engine: Engine, clip: Any, classes: list[str], templates: list[str], images_per_prompt: int
+) -> dict[str, float]:
+    """Is each family load-bearing, as in SD? Base object accuracy (mini CLIP) with every weight
+    of the family zeroed, and with a random 5% of them zeroed (seeded), the weights restored
+    after each. A world whose objects survive a zeroed FFN2 cannot show what FFN masking does."""
+    prompts, truth, seeds = [], [], []
+    for concept in classes:
+        for t, template in enumerate(templates):
+            for k in range(images_per_prompt):
+                prompts.append(template.format(concept=concept))
+                truth.append(concept)
+                seeds.append(10_000 * t + k)
+    unet = engine.pipe.unet
+    out = {"ablation_images": float(len(prompts))}
+    out["ablation_base"] = clip_zero_shot(clip, generate(engine, prompts, seeds), truth, classes)
+    for family in FAMILIES:
+        layers = [m for n, m in unet.named_modules() if n.endswith(family)]
+        saved = [layer.weight.detach().clone() for layer in layers]
+        for mode in ("zeroed", "random5"):
+            draw = torch.Generator().manual_seed(0)
+            for layer in layers:
+                if mode == "zeroed":
+                    layer.weight.zero_()
+                else:
+                    kept = torch.rand(layer.weight.shape, generator=draw) >= RANDOM_SHARE
+                    layer.weight.mul_(kept.to(layer.weight))
+            images = generate(engine, prompts, seeds)
+            out[f"ablation_{family}_{mode}"] = clip_zero_shot(clip, images, truth, classes)
+            for layer, weight in zip(layers, saved, strict=True):
+                layer.weight.copy_(weight)
+        out[f"ablation_{family}_random5_cost_points"] = (
+            out["ablation_base"] - out[f"ablation_{family}_random5"]
+        )
+    return out
+
+
+def sublayers(
+    build: Path | None,
+    images_per_prompt: int,
+    objects: int | None,
+    recipe_path: Path | None = None,
+) -> dict[str, Any]:
+    """The card's sublayer rows alone, on the shipped weights or (``build``) on a build's
+    generator as it stands, judged by that build's mini CLIP: the check of issue 16 on an early
+    checkpoint, before paying for the full build."""
+    import fia_bench
+
+    cfg = fia_bench.compose(["model=mini"])
+    if build is None:
+        model = load_model(cfg.model, world_vocabulary("mini"), "cpu", "fp32")
+        pipe, clip = model.pipe, load_clip(dict(model.judges["clip"]), "cpu")
+        names = list(load_task("objects", "mini").concepts)
+    else:
+        from fia_bench.miniworld.train import Builder
+
+        builder = Builder(build, recipe_path=recipe_path)
+        pipe = builder.current_pipeline()
+        clip = load_clip({"arch": f"local-dir:{build / 'export' / 'clip'}"}, "cpu")
+        # the recipe's world lists its task objects first (datasets/data/<world>.yaml)
+        names = list(world(builder.world)["shapes"][:TASK_OBJECTS])
+    sampler = Sampler.from_config(cfg.sampler)
+    engine = Engine(pipe, sampler, int(cfg.model.resolution), "cpu", torch.float32)
+    templates = list(load_task("objects", "mini").templates)
+    return sublayer_ablation(engine, clip, names[:objects], templates, images_per_prompt)
+
+
 def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str, Any]:
-    """Can the world show unlearning at all? UCE erases each object alone, through the harness
-    (``fia_bench.run``); CLIP accuracy of the erased object and of the nine others, before and
-    after, in points."""
+    """Can the world show unlearning at all? UCE erases each of the first ten objects alone,
+    through the harness (``fia_bench.run``); CLIP accuracy of the erased object and of all the
+    task's others, before and after, in points."""
     import tempfile
 
     import fia_bench
 
-    objects = load_task("objects", "mini").concepts
+    objects = load_task("objects", "mini").concepts[:UCE_OBJECTS]
     per_concept = images_per_prompt * len(load_task("objects", "mini").templates)
     forget, retain, worst = [], [], []
     with tempfile.TemporaryDirectory() as out:
@@ -242,6 +323,9 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
     }
 
 
+UCE_OBJECTS = 10  # erased one at a time by the card's UCE check
+TASK_OBJECTS = 50  # the second build's world lists its task objects first, then 10 held out
+
 # (card key, what it is, target as (">=" | "<=", bound) or None) in the order the card prints
 QUALITY_ROWS: list[tuple[str, str, tuple[str, float] | None]] = [
     ("vae_psnr_db", "VAE reconstruction of held-out renders, PSNR (dB)", None),
@@ -269,10 +353,28 @@ QUALITY_ROWS: list[tuple[str, str, tuple[str, float] | None]] = [
         "UCE erasing one object: its accuracy drop (points, mean)",
         (">=", 50),
     ),
-    ("uce_forget_drop_min_points", "… the smallest drop among the ten objects", None),
+    ("uce_forget_drop_min_points", "… the smallest drop among the ten erased objects", None),
     ("uce_retain_drop_points", "… the other objects' drop (points, mean)", ("<=", 10)),
     ("uce_retain_drop_worst_object_points", "… the largest drop of any other object", None),
 ]
+# Sublayers: object accuracy with a family of the UNet zeroed (issue 16: SD-like where the
+# methods act). Zeroing every FFN2 or cross-attention value must take the objects away; a
+# random 5% of FFN2 must not.
+ABLATION_TARGETS = {"ff.net.2": 20, "attn2.to_v": 20}
+QUALITY_ROWS += [("ablation_base", "base object accuracy on the sublayer prompts (%)", None)]
+for _family in FAMILIES:
+    QUALITY_ROWS += [
+        (
+            f"ablation_{_family}_zeroed",
+            f"… every `{_family}` weight zeroed (%)",
+            ("<=", ABLATION_TARGETS[_family]) if _family in ABLATION_TARGETS else None,
+        ),
+        (
+            f"ablation_{_family}_random5_cost_points",
+            f"… a random 5% of `{_family}` zeroed: points lost",
+            ("<=", 5) if _family == "ff.net.2" else None,
+        ),
+    ]
 CARD_START, CARD_END = "<!-- card: start -->", "<!-- card: end -->"
 
 

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fia_bench.datasets.procedural import world
+from fia_bench.datasets.procedural import SHIPPED_WORLD, world
 
 
-def attribute_classes() -> dict[str, list[str]]:
+def attribute_classes(world_name: str = SHIPPED_WORLD) -> dict[str, list[str]]:
     """Class names of each classifier head, in the order of the world file."""
-    w = world()
+    w = world(world_name)
     return {
         "subject": [*w["shapes"], *w["hazards"]],
         "style": list(w["styles"]),

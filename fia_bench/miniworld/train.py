@@ -27,10 +27,15 @@ from torch import nn
 from tqdm import tqdm
 
 from fia_bench.cache import atomic_write
-from fia_bench.datasets.procedural import Scene, render_with_box, sample_scenes, world
+from fia_bench.datasets.procedural import (
+    SHIPPED_WORLD,
+    Scene,
+    render_with_box,
+    sample_scenes,
+    world,
+)
 from fia_bench.miniworld.judges import MiniClassifier, attribute_classes, save_classifier
 from fia_bench.models import SD_SCHEDULER, assemble_pipeline, word_tokenizer
-from fia_bench.tasks import world_vocabulary
 
 STAGES = ("data", "vae", "classifier", "clip", "generator", "export")
 TRAINED = ("vae", "classifier", "clip", "generator")
@@ -50,9 +55,11 @@ def weights_dir() -> Path:
     return Path(str(files("fia_bench.miniworld") / "weights"))
 
 
-def vocabulary() -> list[str]:
-    """Every word the world's captions, judge captions and task prompts use."""
-    w = world()
+def vocabulary(world_name: str = SHIPPED_WORLD) -> list[str]:
+    """Every word of a world file: its concepts and caption templates. The tasks' prompts are
+    written in these words (tests/test_procedural.py), so a tokenizer of this vocabulary spells
+    each of them with one token per word."""
+    w = world(world_name)
     text = " ".join(
         [
             *w["shapes"],
@@ -64,8 +71,7 @@ def vocabulary() -> list[str]:
             *w["judge_captions"],
         ]
     )
-    words = set(re.findall(r"[a-z0-9]+", text.lower())) | set(world_vocabulary("mini"))
-    return sorted(words)
+    return sorted(set(re.findall(r"[a-z0-9]+", text.lower())))
 
 
 def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -75,8 +81,8 @@ def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
 # --- data ---------------------------------------------------------------------------------
 
 
-def scene_table(scenes: list[tuple[Scene, int]]) -> dict[str, np.ndarray]:
-    classes = attribute_classes()
+def scene_table(scenes: list[tuple[Scene, int]], world_name: str) -> dict[str, np.ndarray]:
+    classes = attribute_classes(world_name)
     return {
         "subject": np.array([classes["subject"].index(s.subject) for s, _ in scenes]),
         "style": np.array([classes["style"].index(s.style) for s, _ in scenes]),
@@ -85,21 +91,26 @@ def scene_table(scenes: list[tuple[Scene, int]]) -> dict[str, np.ndarray]:
     }
 
 
-def render_set(count: int, scene_seed: int, hazard_rate: float, size: int) -> dict[str, np.ndarray]:
-    scenes = sample_scenes(count, scene_seed, hazard_rate)
+def render_set(
+    count: int, scene_seed: int, hazard_rate: float, size: int, world_name: str
+) -> dict[str, np.ndarray]:
+    scenes = sample_scenes(count, scene_seed, hazard_rate, world_name)
     images, boxes = [], []
     for scene, seed in tqdm(scenes, desc="render", leave=False):
-        image, box = render_with_box(scene, seed, size)
+        image, box = render_with_box(scene, seed, size, world_name)
         images.append(np.asarray(image))
         boxes.append(np.array(box, np.float32) / size)
-    return {"images": np.stack(images), "boxes": np.stack(boxes), **scene_table(scenes)}
+    return {"images": np.stack(images), "boxes": np.stack(boxes), **scene_table(scenes, world_name)}
 
 
 def captions_for(
-    table: dict[str, np.ndarray], index: np.ndarray, templates: list[str], rng: torch.Generator
+    table: dict[str, np.ndarray],
+    index: np.ndarray,
+    templates: list[str],
+    rng: torch.Generator,
+    classes: dict[str, list[str]],
 ) -> tuple[list[str], list[dict[str, int]]]:
     """A random template per image; also which attributes each caption states (for matching)."""
-    classes = attribute_classes()
     picks = torch.randint(len(templates), (len(index),), generator=rng).tolist()
     captions, stated = [], []
     for i, t in zip(index.tolist(), picks, strict=True):
@@ -115,6 +126,43 @@ def captions_for(
         keys = {"shape": "subject", "style": "style", "colour": "colour", "place": "place"}
         stated.append({keys[k]: values[keys[k]] for k in keys if "{" + k + "}" in template})
     return captions, stated
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
+    """Tensors as safetensors (never pickle: a build directory may be shared), written
+    atomically; ``meta`` travels as JSON in the file's header."""
+    from safetensors.torch import save_file
+
+    # clones: safetensors refuses tensors that share storage
+    arrays = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    header = {"json": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=header))
+
+
+def load_tensors(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        meta = json.loads((handle.metadata() or {}).get("json", "null"))
+        names = handle.keys()
+        return {k: handle.get_tensor(k) for k in names}, meta
+
+
+def nest(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"<prefix>/<name>/<key>": t}`` → ``{name: {key: t}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for full, tensor in flat.items():
+        head, _, rest = full.partition("/")
+        if head == prefix:
+            name, _, key = rest.partition("/")
+            out.setdefault(name, {})[key] = tensor
+    return out
+
+
+def flat(nested: dict[str, dict[str, torch.Tensor]], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{name}/{k}": t for name, part in nested.items() for k, t in part.items()}
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -166,7 +214,7 @@ class Loop:
         on_save: Callable[[], None] = lambda: None,
         on_step: Callable[[], None] = lambda: None,
     ) -> None:
-        self.path = build / f"{stage}.state.pt"
+        self.path = build / f"{stage}.state.safetensors"
         # the builder books the time spent up to each checkpoint, and notes when each step ends
         self.on_save, self.on_step = on_save, on_step
         self.cycles = cycles_of(steps)
@@ -177,20 +225,24 @@ class Loop:
         self.ema: dict[str, dict[str, torch.Tensor]] | None = None
         if self.path.exists():
             device = next(p.device for m in modules.values() for p in m.parameters())
-            state = torch.load(self.path, weights_only=False, map_location=device)
+            tensors, meta = load_tensors(self.path, device)
             for name, module in modules.items():
-                module.load_state_dict(state["modules"][name])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step, self.ema = state["step"], state.get("ema")
+                module.load_state_dict(nest(tensors, "modules")[name])
+            moments = nest(tensors, "optimizer")
+            self.optimizer.load_state_dict(
+                {"state": {int(i): s for i, s in moments.items()}, "param_groups": meta["groups"]}
+            )
+            self.step, self.ema = meta["step"], nest(tensors, "ema") or None
 
     def save(self) -> None:
-        state = {
-            "modules": {k: m.state_dict() for k, m in self.modules.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "ema": self.ema,
+        optimizer = self.optimizer.state_dict()
+        moments = {str(i): s for i, s in optimizer["state"].items()}
+        tensors = {
+            **flat({k: m.state_dict() for k, m in self.modules.items()}, "modules"),
+            **flat(moments, "optimizer"),
+            **flat(self.ema or {}, "ema"),
         }
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        save_tensors(self.path, tensors, {"step": self.step, "groups": optimizer["param_groups"]})
         self.on_save()
 
     def update_ema(self, decay: float) -> None:
@@ -256,6 +308,15 @@ class Loop:
 
     def final_state(self, name: str) -> dict[str, torch.Tensor]:
         return (self.ema or {}).get(name) or self.modules[name].state_dict()
+
+
+def compute_in_fp32(config: Path) -> None:
+    """The weights are stored in fp16 to keep the repository small; the text encoder's config
+    says float32 so that a plain ``StableDiffusionPipeline.from_pretrained`` (transformers loads
+    in the config's dtype, diffusers in fp32) computes both models in one dtype."""
+    data = json.loads(config.read_text("utf-8"))
+    data["dtype"] = "float32"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
 # --- models -------------------------------------------------------------------------------
@@ -370,6 +431,8 @@ class Builder:
         self.device = torch.device(device)
         self.out = out or weights_dir()
         self.r = recipe(recipe_path)
+        self.world = str(self.r["world"])
+        self.classes = attribute_classes(self.world)
         self.seed = int(self.r["seed"])
         self.limits = (time.monotonic() + 60 * max_minutes, max_steps)
         build.mkdir(parents=True, exist_ok=True)
@@ -388,7 +451,7 @@ class Builder:
     def stage_data(self) -> bool:
         d = self.r["data"]
         table = render_set(
-            d["train_images"], d["scene_seed"], d["hazard_rate"], self.r["resolution"]
+            d["train_images"], d["scene_seed"], d["hazard_rate"], self.r["resolution"], self.world
         )
         save_npz(self.build / "data.npz", table)
         return True
@@ -415,7 +478,7 @@ class Builder:
         if not loop.run(self.seed, loss_fn, self.limits):
             return False
         vae.eval()
-        torch.save({k: v.cpu() for k, v in vae.state_dict().items()}, self.build / "vae.pt")
+        save_tensors(self.build / "vae.safetensors", vae.state_dict())
         latents, recons = [], []
         with torch.no_grad():
             for start in tqdm(range(0, len(pixels), 512), desc="encode", leave=False):
@@ -426,9 +489,10 @@ class Builder:
                     recons.append(((decoded + 1) * 127.5).round().to(torch.uint8))
         latents_t = torch.cat(latents)
         scaling = float(1 / latents_t.std())
-        torch.save(
-            {"latents": latents_t * scaling, "scaling_factor": scaling},
-            self.build / "latents.pt",
+        save_tensors(
+            self.build / "latents.safetensors",
+            {"latents": latents_t * scaling},
+            {"scaling_factor": scaling},
         )
         recon = torch.cat(recons).permute(0, 2, 3, 1).numpy()
         save_npz(self.build / "recon.npz", {"images": recon})
@@ -436,11 +500,11 @@ class Builder:
 
     def stage_classifier(self) -> bool:
         cfg, a = self.r["classifier"], self.r["augment"]
-        model = MiniClassifier(cfg["width"], attribute_classes()).to(self.device)
+        model = MiniClassifier(cfg["width"], self.classes).to(self.device)
         loop = self.loop("classifier", {"classifier": model})
         pixels = as_unit(self.data["images"])
         recon = as_unit(np.load(self.build / "recon.npz")["images"])
-        labels = {k: torch.from_numpy(self.data[k]) for k in attribute_classes()}
+        labels = {k: torch.from_numpy(self.data[k]) for k in self.classes}
         boxes = torch.from_numpy(self.data["boxes"])
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
@@ -466,23 +530,23 @@ class Builder:
         recon = as_unit(np.load(self.build / "recon.npz")["images"])
         mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
-        w = world()
+        w = world(self.world)
         templates = [*w["captions"], *w["judge_captions"]]
         # the zero-shot prompts of the tasks the CLIP judges: one per subject and per style
-        classes = attribute_classes()
+        classes = self.classes
         named = {k: tokenizer([f"a photo of a {c}" for c in classes[k]]) for k in NAMED}
         named = {k: ids.to(self.device) for k, ids in named.items()}
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
             x = (augment(pixels, recon, idx, a, g).to(self.device) + 1) / 2
-            captions, stated = captions_for(self.data, idx.numpy(), templates, g)
+            captions, stated = captions_for(self.data, idx.numpy(), templates, g, classes)
             image = model.encode_image((x - mean) / std, normalize=True)
             text = model.encode_text(tokenizer(captions).to(self.device), normalize=True)
             logits = model.logit_scale.exp() * image @ text.T
             # caption j describes image i when every attribute it states matches image i
             match = torch.ones(len(idx), len(idx), dtype=torch.bool)
-            for k in attribute_classes():
+            for k in classes:
                 values = torch.from_numpy(self.data[k][idx.numpy()])
                 stated_k = torch.tensor([s.get(k, -1) for s in stated])
                 match &= (stated_k.view(1, -1) == -1) | (stated_k.view(1, -1) == values.view(-1, 1))
@@ -519,11 +583,11 @@ class Builder:
 
     def stage_generator(self) -> bool:
         cfg = self.r["generator"]
-        tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
+        tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
         text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
         unet = build_unet(self.r).to(self.device)
         loop = self.loop("generator", {"unet": unet, "text_encoder": text_encoder})
-        latents = torch.load(self.build / "latents.pt")["latents"]
+        latents = load_tensors(self.build / "latents.safetensors")[0]["latents"]
         alphas = (
             torch.linspace(SD_SCHEDULER["beta_start"] ** 0.5, SD_SCHEDULER["beta_end"] ** 0.5, 1000)
             ** 2
@@ -533,14 +597,14 @@ class Builder:
         weight = snr.clamp(max=cfg["min_snr_gamma"]) / snr
         # the judges' "a photo of a ..." captions too: SD-style prompts (Dynamic Mask's "a photo
         # of {concept}", attack prompts) then mean what they say in this world
-        templates = [*world()["captions"], *world()["judge_captions"]]
+        templates = [*world(self.world)["captions"], *world(self.world)["judge_captions"]]
         empty = tokenizer(
             [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(latents), (cfg["batch_size"],), generator=g)
-            captions, _ = captions_for(self.data, idx.numpy(), templates, g)
+            captions, _ = captions_for(self.data, idx.numpy(), templates, g, self.classes)
             ids = tokenizer(
                 captions,
                 padding="max_length",
@@ -565,40 +629,59 @@ class Builder:
         if not done:
             return False
         final = {name: loop.final_state(name) for name in ("unet", "text_encoder")}
-        torch.save(
-            {name: {k: v.cpu() for k, v in state.items()} for name, state in final.items()},
-            self.build / "generator.pt",
-        )
+        save_tensors(self.build / "generator.safetensors", flat(final, "final"))
         return True
 
     def stage_export(self) -> bool:
-        """Write the pipeline in diffusers layout (fp16 safetensors) and copy the judges."""
+        """Write the pipeline in diffusers layout (fp16 safetensors) and copy the judges, into a
+        sibling folder first: the shipped weights are replaced only once the new ones are whole."""
         import shutil
 
-        tokenizer = word_tokenizer(vocabulary(), self.r["tokenizer_max_length"])
-        scaling = torch.load(self.build / "latents.pt")["scaling_factor"]
-        vae = build_vae(self.r, scaling_factor=scaling)
-        vae.load_state_dict(torch.load(self.build / "vae.pt"))
-        trained = torch.load(self.build / "generator.pt")
+        tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
+        latents_meta = load_tensors(self.build / "latents.safetensors")[1]
+        vae = build_vae(self.r, scaling_factor=latents_meta["scaling_factor"])
+        vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
+        trained = nest(load_tensors(self.build / "generator.safetensors")[0], "final")
         unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
         unet.load_state_dict(trained["unet"])
         text_encoder.load_state_dict(trained["text_encoder"])
         pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
         pipe.to(torch.float16)
-        target = self.out
-        if target.exists():
-            shutil.rmtree(target)
-        pipe.save_pretrained(target / "pipeline", safe_serialization=True)
-        shutil.copytree(self.build / "export" / "clip", target / "clip")
-        shutil.copytree(self.build / "export" / "judges", target / "classifier")
+        staging = self.out.parent / f".{self.out.name}.export"
+        shutil.rmtree(staging, ignore_errors=True)
+        pipe.save_pretrained(staging / "pipeline", safe_serialization=True)
+        compute_in_fp32(staging / "pipeline" / "text_encoder" / "config.json")
+        shutil.copytree(self.build / "export" / "clip", staging / "clip")
+        shutil.copytree(self.build / "export" / "judges", staging / "classifier")
         # what the model card reports of the training: seconds per stage, summed over chunks
         training = {
             "seconds": self._read("times.json", {}),
             "devices": self._read("devices.json", {}),
             "recipe_sha256": hashlib.sha256(yaml.safe_dump(self.r).encode()).hexdigest(),
         }
-        (target / "training.json").write_text(json.dumps(training, indent=1) + "\n", "utf-8")
+        (staging / "training.json").write_text(json.dumps(training, indent=1) + "\n", "utf-8")
+        retired = self.out.parent / f".{self.out.name}.retired"
+        shutil.rmtree(retired, ignore_errors=True)
+        if self.out.exists():
+            self.out.rename(retired)
+        staging.rename(self.out)
+        shutil.rmtree(retired, ignore_errors=True)
         return True
+
+    def current_pipeline(self) -> Any:
+        """The pipeline as the build stands: the VAE, and the generator's latest checkpoint
+        (its EMA weights, as the export would take them), to measure an early generator."""
+        tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
+        latents_meta = load_tensors(self.build / "latents.safetensors")[1]
+        vae = build_vae(self.r, scaling_factor=latents_meta["scaling_factor"])
+        vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
+        unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
+        tensors, meta = load_tensors(self.build / "generator.state.safetensors")
+        state = nest(tensors, "ema") or nest(tensors, "modules")
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        print(f"[mini-world] generator at step {meta['step']}")
+        return assemble_pipeline(vae, text_encoder, tokenizer, unet).to(torch.float32)
 
     def run(self, stages: list[str]) -> bool:
         """Stages whose mark is in ``done.json`` are skipped; marks and times are re-read before
