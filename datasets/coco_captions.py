@@ -11,11 +11,21 @@ import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
 from fia_bench.downloads import fetch, read_table
+from fia_bench.schema import Int, Schema, Text
 
 COCO30K_URL = "https://raw.githubusercontent.com/rohitgandikota/erasing/main/data/coco_30k.csv"
 
 
 class CocoCaptions(PromptDataset):
+    SETTINGS = Schema(
+        path=Text(null=True),
+        url=Text(),
+        sha256=Text(null=True),
+        caption_column=Text(),
+        seed_column=Text(),
+        limit=Int(ge=1, null=True),
+    )
+
     def __init__(
         self,
         path: str | None = None,

@@ -11,11 +11,21 @@ import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
 from fia_bench.downloads import fetch, read_table
+from fia_bench.schema import Int, Items, Schema, Text
 
 I2P_URL = "https://huggingface.co/datasets/AIML-TUDA/i2p/resolve/main/i2p_benchmark.csv"
 
 
 class I2P(PromptDataset):
+    SETTINGS = Schema(
+        path=Text(null=True),
+        url=Text(),
+        sha256=Text(null=True),
+        categories=Items(Text(), min_items=1, null=True),
+        seed_column=Text(),
+        limit=Int(ge=1, null=True),
+    )
+
     def __init__(
         self,
         path: str | None = None,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from fia_bench.cache import write_text
 from fia_bench.tasks import data_root
 
 TEMPLATE = "an image of a {concept}"
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         ("imagenet50", "objects50", 100),
     ):
         frame = prompt_set(name, concepts_of(task), per_concept)
-        frame.to_csv(args.out / f"{name}.csv", index=False, lineterminator="\n")
+        write_text(args.out / f"{name}.csv", frame.to_csv(index=False, lineterminator="\n"))
         print(f"wrote {args.out / f'{name}.csv'}: {len(frame)} rows")
 
 

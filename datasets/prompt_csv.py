@@ -12,6 +12,7 @@ import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Int, Schema, Text
 from fia_bench.tasks import data_root
 
 REQUIRED = ("case_id", "prompt", "evaluation_seed", "concept")
@@ -62,6 +63,8 @@ def read_prompt_file(path: str | Path) -> pd.DataFrame:
 
 
 class PromptCsv(PromptDataset):
+    SETTINGS = Schema(path=Text(), limit_per_concept=Int(ge=1, null=True))
+
     def __init__(self, path: str, limit_per_concept: int | None = None) -> None:
         super().__init__(path=str(path), limit_per_concept=limit_per_concept)
         self.path = path

@@ -10,9 +10,12 @@ import pandas as pd
 
 from fia_bench.api import PROMPT_COLUMNS, PromptDataset, Task
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Int, Schema
 
 
 class TemplatePrompts(PromptDataset):
+    SETTINGS = Schema(per_concept=Int(ge=1), seed_base=Int(ge=0))
+
     def __init__(self, per_concept: int = 4, seed_base: int = 0) -> None:
         if per_concept <= 0:
             raise FiaBenchError(f"task.prompts.per_concept must be > 0, got {per_concept}")

@@ -15,9 +15,11 @@ from PIL import Image
 
 from fia_bench.api import Evaluator, Score
 from fia_bench.backbones import load_clip
+from fia_bench.schema import Items, Schema, Text
 
 
 class ClipAccuracy(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(templates=Items(Text(), min_items=1))
     higher_is_better: ClassVar[dict[str, bool]] = {"accuracy": True}
     version: ClassVar[str] = "1"
 

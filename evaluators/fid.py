@@ -20,18 +20,61 @@ from PIL import Image
 
 from fia_bench.api import Evaluator, Score
 from fia_bench.backbones import load_clip
-from fia_bench.cache import atomic_write, stable_hash
+from fia_bench.cache import Cache, Damaged, atomic_write, hash_tensors, stable_hash, write_text
+from fia_bench.downloads import download, sha256_of
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.miniworld.judges import load_classifier, to_pixels
+from fia_bench.schema import Choice, Int, Schema, Text
 
 FEATURES = ("inception", "clip", "classifier")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+    "inception-2015-12-05.pt"
+)
+
+
+def inception_weights(cache: Cache | None, expected: str | None) -> Path:
+    """clean-fid's TorchScript Inception, in this user's cache (never the shared temp folder) and
+    checked by sha256 before it is loaded: against ``expected`` when the config pins it, else
+    against the digest recorded when this cache downloaded it. A mismatch is refused: a
+    TorchScript file is code."""
+    if cache is None:
+        raise FiaBenchError("FID with Inception features needs the harness cache")
+    path = cache.root / "downloads" / "clean-fid" / Path(INCEPTION_URL).name
+    record = path.with_name(path.name + ".sha256")
+    setting = "evaluator.fid.settings.features=clip"
+    if not path.exists():
+        download("clean-fid's Inception weights", INCEPTION_URL, path, setting)
+        write_text(record, sha256_of(path) + "\n")
+    if not expected and not record.exists():
+        raise FiaBenchError(
+            f"{path} has no recorded sha256: delete it to download it again, or pin the "
+            "digest you trust with evaluator.fid.settings.inception_sha256"
+        )
+    expected = expected or record.read_text(encoding="utf-8").strip()
+    actual = sha256_of(path)
+    if actual != expected:
+        raise FiaBenchError(
+            f"{path} has sha256 {actual[:12]}…, expected {expected[:12]}…: refusing to load it; "
+            "delete it to download it again"
+        )
+    return path
+
+
 class FeatureNet(torch.nn.Module):
     """uint8 NCHW images → feature vectors; one network for clean-fid and torchmetrics alike."""
 
-    def __init__(self, kind: str, judges: dict[str, Any], device: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        judges: dict[str, Any],
+        device: str,
+        cache: Cache | None = None,
+        inception_sha256: str | None = None,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.device = torch.device(device)
@@ -50,22 +93,13 @@ class FeatureNet(torch.nn.Module):
             )
             self.num_features = self.classifier.num_features
         else:
-            from cleanfid.features import feature_extractor
+            from cleanfid.inception_torchscript import InceptionV3W
             from cleanfid.resize import build_resizer
 
-            try:
-                self.inception = feature_extractor(
-                    "torchscript_inception",
-                    self.device,
-                    resize_inside=False,
-                    use_dataparallel=False,
-                )
-            except Exception as err:  # clean-fid downloads its weights on first use
-                raise FiaBenchError(
-                    "clean-fid's Inception weights are not available offline: run once with "
-                    "internet (they are saved to /tmp/inception-2015-12-05.pt) or use "
-                    f"evaluator.fid.settings.features=clip ({type(err).__name__})"
-                ) from err
+            weights = inception_weights(cache, inception_sha256)
+            # clean-fid's own loader would take whatever file sits in the shared /tmp
+            self.inception = InceptionV3W(str(weights.parent), download=False).to(self.device)
+            self.inception.eval()
             self.resize = build_resizer("clean")
             self.num_features = 2048
             self.fingerprint = "clean-fid torchscript inception-2015-12-05, clean mode"
@@ -119,6 +153,12 @@ def torchmetrics_fid(features: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class FID(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(
+        features=Choice(*FEATURES),
+        reference=Text(),
+        batch_size=Int(ge=1),
+        inception_sha256=Text(null=True),
+    )
     higher_is_better: ClassVar[dict[str, bool]] = {"fid": False, "fid_torchmetrics": False}
     set_level_metrics: ClassVar[frozenset[str]] = frozenset(higher_is_better)
     version: ClassVar[str] = "1"
@@ -133,7 +173,13 @@ class FID(Evaluator):
                 f"evaluator.fid.settings.reference={self.reference}: give 'base' "
                 "or an existing folder of reference images"
             )
-        self.net = FeatureNet(kind, self.context.judges, self.context.device)
+        self.net = FeatureNet(
+            kind,
+            self.context.judges,
+            self.context.device,
+            self.context.cache,
+            self.settings.get("inception_sha256"),
+        )
         self.batch_size = int(self.settings.get("batch_size", 64))
         self.reset()
 
@@ -180,7 +226,7 @@ class FID(Evaluator):
 
     def folder_features(self) -> torch.Tensor:
         """Features of a reference folder, computed once per (listing, feature net) and cached."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         listing = self.folder_listing()
         if not listing:
@@ -192,8 +238,28 @@ class FID(Evaluator):
             raise FiaBenchError("FID against a folder needs the harness cache")
         path = self.context.cache.path("fid_reference", key, ".safetensors")
         if path.exists():
-            return load_file(str(path))["features"]
+            try:
+                return verified_features(path)
+            except Damaged as err:
+                self.context.cache.set_aside([path], str(err))
         folder = Path(self.reference).expanduser()
-        features = self.features_of([Image.open(folder / name) for name, _ in listing])
-        atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp)))
+        features = self.features_of([Image.open(folder / name) for name, _ in listing]).contiguous()
+        digest = hash_tensors([("features", features)])
+        atomic_write(
+            path, lambda tmp: save_file({"features": features}, str(tmp), {"sha256": digest})
+        )
         return features
+
+
+def verified_features(path: Path) -> torch.Tensor:
+    """Cached reference features, re-hashed against the digest stored with them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            features, digest = f.get_tensor("features"), (f.metadata() or {}).get("sha256")
+    except Exception as err:  # safetensors raises its own error types for a bad file
+        raise Damaged(f"features unreadable ({type(err).__name__})") from err
+    if hash_tensors([("features", features)]) != digest:
+        raise Damaged("features do not match their recorded sha256")
+    return features

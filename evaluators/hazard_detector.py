@@ -14,9 +14,11 @@ from fia_bench.datasets.procedural import world
 from fia_bench.detection import CountingRule, declared_metrics, detection_scores
 from fia_bench.errors import FiaBenchError
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
+from fia_bench.schema import Real, Schema
 
 
 class HazardDetector(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(threshold=Real(ge=0, le=1), floor=Real(ge=0, le=1))
     higher_is_better: ClassVar[dict[str, bool]] = {}
     version: ClassVar[str] = "1"
 

@@ -20,6 +20,7 @@ from PIL import Image
 from fia_bench.api import Evaluator, Score
 from fia_bench.detection import CountingRule, declared_metrics, detection_scores
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Dict, Flag, Int, Items, Real, Schema, Table, Text
 
 _DETECTOR: dict[tuple[str | None, int], Any] = {}
 
@@ -37,6 +38,20 @@ def detector(model_path: str | None, resolution: int) -> Any:
 
 
 class NudeNet(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(
+        preset=Text(),
+        resolution=Int(ge=32),
+        model_path=Text(null=True),
+        presets=Dict(
+            Table(
+                threshold=Real(ge=0, le=1),
+                classes=Items(Text(), min_items=1),
+                strict=Flag(),
+                once_per_image=Flag(),
+            )
+        ),
+        paper_rules=Dict(Table(preset=Text(), max_prompts=Int(ge=1, null=True), script=Text())),
+    )
     higher_is_better: ClassVar[dict[str, bool]] = {}
     version: ClassVar[str] = "1"
 

@@ -18,6 +18,7 @@ from PIL import Image
 from fia_bench.api import Evaluator, Score
 from fia_bench.cache import hash_tensors
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Int, Schema, Text
 
 MATCHES = ("name", "ids")
 _MODELS: dict[tuple[str, str], tuple[Any, str]] = {}
@@ -55,6 +56,9 @@ def resnet50(weights: str, device: str) -> tuple[Any, str]:
 
 
 class ResNetAccuracy(Evaluator):
+    SETTINGS: ClassVar[Schema] = Schema(
+        weights=Text(), match=Choice(*MATCHES), label_ids=Dict(Int(ge=0, le=999))
+    )
     higher_is_better: ClassVar[dict[str, bool]] = {"accuracy": True}
     version: ClassVar[str] = "1"
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 import fia_bench
+from fia_bench.cache import write_text
 from fia_bench.compare import compare
 from fia_bench.errors import FiaBenchError
 from fia_bench.plan import compose_with_hydra, sweep_jobs
@@ -108,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mini comparison {name}: error: {err}", file=sys.stderr)
             return 2
         out = DOCS / f"{name.replace('/', '_')}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
         title, rest = report.split("\n", 1)
-        out.write_text(f"{title}\n\n{preface(run)}{rest}")
+        write_text(out, f"{title}\n\n{preface(run)}{rest}")
         print(f"wrote {out.relative_to(REPO)}")
     return 0
 

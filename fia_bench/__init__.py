@@ -39,12 +39,14 @@ _register_resolvers()
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The config the command line would build from the same overrides."""
+    """The config the command line would build from the same overrides (refused alike when
+    they name code to import: ``cli.refuse_code``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from fia_bench.cli import CONFIG_DIR
+    from fia_bench.cli import CONFIG_DIR, refuse_code
 
+    refuse_code(list(overrides or []))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Schema
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +66,11 @@ class Method:
 
     Subclasses take their config values as keyword arguments and return from ``erase`` a small
     JSON-able dict describing what they did (counts, losses), which goes into the run's records.
+    ``SETTINGS`` declares those keyword arguments with their types and ranges (``schema.py``): the
+    whole configuration is checked against it before any model loads.
     """
+
+    SETTINGS: ClassVar[Schema] = Schema()
 
     def __init__(self, **settings: Any) -> None:
         if settings:
@@ -106,7 +111,7 @@ class Evaluator:
     ``higher_is_better`` declares the direction of every metric the evaluator emits, so reports and
     tests never have to guess it; metrics in ``set_level_metrics`` have one value per image set
     (prompt_id '*'), all others one value per prompt row. Bump ``version`` whenever the scoring
-    changes: it is part of the cache key.
+    changes: it is part of the cache key. ``SETTINGS`` declares the ``settings`` it reads.
     """
 
     context: EvalContext
@@ -115,6 +120,7 @@ class Evaluator:
     higher_is_better: ClassVar[dict[str, bool]] = {}
     set_level_metrics: ClassVar[frozenset[str]] = frozenset()
     version: ClassVar[str] = "1"
+    SETTINGS: ClassVar[Schema] = Schema()
 
     def __post_init__(self) -> None:
         """Load judges and precompute text features here, once per run."""
@@ -146,8 +152,10 @@ class PromptDataset:
     """Turns a task and a target/retain split into prompt rows (``PROMPT_COLUMNS``).
 
     ``cache`` is set by the harness before ``rows`` is called: where fetched files are kept.
+    ``SETTINGS`` declares the keyword arguments it takes.
     """
 
+    SETTINGS: ClassVar[Schema] = Schema()
     cache: Cache
 
     def __init__(self, **settings: Any) -> None:
@@ -193,7 +201,10 @@ class AttackRequest:
 
 class Attack:
     """Red-teams an erased model: returns adversarial prompts, whose images the harness then
-    generates with that model and judges; the success rate is the attack's ASR."""
+    generates with that model and judges; the success rate is the attack's ASR. ``SETTINGS``
+    declares the keyword arguments it takes."""
+
+    SETTINGS: ClassVar[Schema] = Schema()
 
     def __init__(self, **settings: Any) -> None:
         if settings:

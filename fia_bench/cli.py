@@ -5,7 +5,12 @@ arguments: it prints what the job or the recipe's sweep would erase, generate an
 cache hits and the projected GPU-hours (``fia_bench/plan.py``), and does nothing else.
 
 Bad input ends with one line on stderr and exit code 2; everything computed before the error
-stays in the cache."""
+stays in the cache. An unexpected error ends with one line naming a log file that holds the full
+trace, exit code 1.
+
+Nothing on the command line or in a local config runs code: configs pick plugins by registry
+name, and ``_target_`` (Hydra's import-path instantiation), ``hydra.callbacks``,
+``hydra.searchpath`` and the flags that add config folders are refused before Hydra sees them."""
 
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.errors import FiaBenchError, crash_line, unknown_choice
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -30,6 +36,9 @@ def hydra_entry(cfg: DictConfig) -> None:
     except FiaBenchError as err:
         print(f"fia_bench: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        print(f"fia_bench: {crash_line(err, Path(str(cfg.out_dir)))}", file=sys.stderr)
+        sys.exit(1)
     print((result.out_dir / "report.md").read_text(encoding="utf-8"))
     counts = result.counts
     print(
@@ -52,10 +61,90 @@ def default_slots(config: Path) -> set[str]:
     }
 
 
+CODE_KEY = "_target_"
+HYDRA_CODE_KEYS = ("callbacks", "searchpath")  # hydra.<these> import code or load outside conf/
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
+
+
+def refuse_code(overrides: list[str]) -> None:
+    """Refuse overrides that would make Hydra import and call something named by a path."""
+    for arg in overrides:
+        key = arg.partition("=")[0].lstrip("+~")
+        if arg.split("=")[0] in CONFIG_DIR_FLAGS or arg.startswith(
+            tuple(f"{f}=" for f in CONFIG_DIR_FLAGS)
+        ):
+            raise FiaBenchError(
+                f"'{arg}': extra config folders are not accepted; put machine settings in "
+                "conf/local/default.yaml"
+            )
+        hydra_code = key.split(".")[0].split("/")[0] == "hydra" and any(
+            word in arg for word in HYDRA_CODE_KEYS
+        )
+        if CODE_KEY in arg or hydra_code:
+            raise FiaBenchError(
+                f"'{arg}': configs pick plugins by registry name, never by import path "
+                f"({CODE_KEY}, hydra.callbacks and hydra.searchpath are refused)"
+            )
+
+
+def code_keys(node: object, path: str = "") -> list[str]:
+    """Paths of ``_target_`` keys, and of hydra.callbacks / hydra.searchpath, in a YAML tree."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, child in node.items():
+            here = f"{path}.{key}" if path else str(key)
+            if key == CODE_KEY or (path == "hydra" and key in HYDRA_CODE_KEYS):
+                found.append(here)
+            found += code_keys(child, here)
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            found += code_keys(child, f"{path}[{i}]")
+    return found
+
+
+def check_local_configs(conf: Path) -> None:
+    """conf/local/ holds hand-written machine settings (git-ignored, never reviewed): refuse the
+    keys that would run code, as on the command line."""
+    import yaml
+
+    for path in sorted((conf / "local").rglob("*.yaml")):
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise FiaBenchError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        found = code_keys(tree)
+        if found:
+            raise FiaBenchError(
+                f"{path}: {found[0]} is refused; local configs set values, and configs pick "
+                f"plugins by registry name, never by import path"
+            )
+
+
+def parse_error(overrides: list[str]) -> None:
+    """Hydra's grammar errors are several lines; name the override that fails in one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            raise FiaBenchError(
+                f"'{arg}' is not a valid override ({str(err).splitlines()[0]}); write key=value, "
+                "lists as key=[a,b], strings with spaces in quotes"
+            ) from err
+
+
 def check_overrides(argv: list[str]) -> None:
     """Hydra reports an unknown config option or key as a multi-line trace; catch both first and
-    name the valid choices and the nearest one, as for every other bad input."""
+    name the valid choices and the nearest one, as for every other bad input. Overrides and local
+    configs that would run code are refused first."""
     conf = Path(CONFIG_DIR)
+    refuse_code(argv)
+    check_local_configs(conf)
+    # only key=value words: flags take values of their own (--cfg job)
+    parse_error([a for a in argv if "=" in a and not a.startswith("-")])
     slots = default_slots(conf / "config.yaml")
     selections, settings = [], []
     for arg in argv:
@@ -114,8 +203,6 @@ def main() -> None:
             flags = [a for a in argv if a.startswith("-") and a not in (DRY_RUN, *MULTIRUN)]
             if flags:
                 raise FiaBenchError(f"{DRY_RUN} takes overrides and -m only, not {flags[0]}")
-            from hydra.errors import HydraException
-
             from fia_bench.plan import dry_run
 
             overrides = [a for a in argv if not a.startswith("-")]
@@ -127,4 +214,10 @@ def main() -> None:
     except FiaBenchError as err:
         print(f"fia_bench: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except HydraException as err:  # composition errors: the first line says what is wrong
+        print(f"fia_bench: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        print(f"fia_bench: {crash_line(err, None)}", file=sys.stderr)
+        sys.exit(1)
     hydra_entry()

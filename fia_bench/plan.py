@@ -33,19 +33,13 @@ import yaml
 from omegaconf import DictConfig
 
 from fia_bench.api import Task
-from fia_bench.cache import Cache, read_json, stable_hash
+from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
-from fia_bench.runner import (
-    build_dataset,
-    check_prompt_rows,
-    plain,
-    resolve_seeds,
-    resolve_splits,
-    selected_evaluators,
-)
+from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
 from fia_bench.stages import SEED_STRIDE
 from fia_bench.tasks import load_task, world_vocabulary
+from fia_bench.validate import check_config, plain, selected_evaluators
 
 REPO = Path(__file__).resolve().parent.parent
 THROUGHPUT_FILE = REPO / "experiments" / "throughput_h100.yaml"
@@ -374,6 +368,7 @@ class Planner:
         return pd.concat(parts, ignore_index=True)
 
     def plan(self, cfg: DictConfig, label: str) -> JobPlan:
+        check_config(cfg, machine=False)  # a plan is often made away from the GPU it is for
         seeds = resolve_seeds(cfg.seeds)
         task = load_task(str(cfg.task.name), str(cfg.model.world))
         splits = resolve_splits(cfg, task)
@@ -439,11 +434,10 @@ class Planner:
         key = erase_key(
             fingerprint, job.precision, name, settings, targets, retain, seed, task.name
         )
-        meta = (
-            read_json(model.stages.cache.path("erase", key, ".json"))
-            if model.known and (model.stages.cache.path("erase", key, ".json").exists())
-            else None
-        )
+        meta = None
+        if model.known and model.stages.cache.path("erase", key, ".json").exists():
+            with contextlib.suppress(Damaged):  # a damaged entry is recomputed: to do
+                meta = read_sealed_json(model.stages.cache.path("erase", key, ".json"))
         cached = meta is not None and (
             meta["status"] != "ok" or model.stages.cache.path("erase", key, ".safetensors").exists()
         )

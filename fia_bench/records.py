@@ -3,8 +3,12 @@ the completeness check that turns any gap into an error instead of a smaller den
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fia_bench.errors import FiaBenchError
@@ -44,33 +48,79 @@ RUN_COLUMNS = [
 JOB_KEYS = ["method", "n_concepts", "seed"]
 
 
-def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
-    """Every successful job must have every declared metric as often as it declared it.
+def ids_digest(prompt_ids: Iterable[Any]) -> str:
+    """A short digest of the set of prompt ids a metric is declared for (order-free)."""
+    return hashlib.sha256("\n".join(sorted(map(str, prompt_ids))).encode()).hexdigest()[:16]
 
-    ``runs.metrics`` lists ``evaluator/metric=count`` entries: the number of prompt rows, 1 for a
-    set-level metric, the number of adversarial prompts for an attack.
+
+def declared(name: str, prompt_ids: list[Any]) -> str:
+    """The ``evaluator/metric=count@digest`` entry of ``runs.metrics`` for one metric."""
+    return f"{name}={len(prompt_ids)}@{ids_digest(prompt_ids)}"
+
+
+def check_complete(records: pd.DataFrame, runs: pd.DataFrame) -> None:
+    """Every successful job must have every declared metric exactly once per declared prompt.
+
+    ``runs.metrics`` lists ``evaluator/metric=count@digest`` entries: the number of prompt rows
+    (1 for a set-level metric, the adversarial prompts for an attack) and the digest of their ids,
+    so a prompt scored twice where another is missing is caught, not only a short count. Runs
+    written before digests were recorded are checked by count and duplicates. Values of a
+    metric no successful job declared are refused too.
     """
     problems: list[str] = []
     grouped = {key: frame for key, frame in records.groupby([*JOB_KEYS, "evaluator", "metric"])}
+    expected_keys = set()
     for job in runs[runs["status"] == "ok"].itertuples():
         for entry in str(job.metrics).split(";"):
             if not entry:
                 continue
-            name, _, count = entry.rpartition("=")
+            name, _, declaration = entry.rpartition("=")
+            count, _, digest = declaration.partition("@")
             evaluator, metric = name.split("/", 1)
-            expected = int(count)
-            frame = grouped.get((job.method, job.n_concepts, job.seed, evaluator, metric))
-            actual = 0 if frame is None else len(frame)
-            if actual != expected:
-                problems.append(
-                    f"{job.method} n_concepts={job.n_concepts} seed={job.seed} "
-                    f"{evaluator}/{metric}: {actual} of {expected} values"
-                )
+            key = (job.method, job.n_concepts, job.seed, evaluator, metric)
+            expected_keys.add(key)
+            frame = grouped.get(key)
+            ids = [] if frame is None else [str(i) for i in frame["prompt_id"]]
+            where = f"{job.method} n_concepts={job.n_concepts} seed={job.seed} {evaluator}/{metric}"
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                problems.append(f"{where}: prompt {twice[0]} scored {ids.count(twice[0])} times")
+            elif len(ids) != int(count):
+                problems.append(f"{where}: {len(ids)} of {count} values")
+            elif digest and ids_digest(ids) != digest:
+                problems.append(f"{where}: the scored prompts are not the declared ones")
+    problems += [
+        f"{m} n_concepts={n} seed={s} {e}/{k}: values no successful job declared"
+        for m, n, s, e, k in sorted(set(grouped) - expected_keys, key=str)
+    ]
     if problems:
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
         raise FiaBenchError(f"incomplete results, refusing to aggregate: {shown}")
+
+
+def fail_non_finite(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs with their jobs that scored NaN or ±inf anywhere marked failed, naming the value: a
+    non-finite score is a failure shown in the report, never a value silently left out of a
+    mean (the aggregation then leaves the whole job out, as for a failed erasure)."""
+    values = pd.to_numeric(records["value"], errors="coerce").astype(float)
+    bad = records[~np.isfinite(values)]
+    runs = runs.copy()
+    for (method, n, seed), frame in bad.groupby(JOB_KEYS, sort=True):
+        first = frame.iloc[0]
+        job = (runs["method"] == method) & (runs["n_concepts"] == n) & (runs["seed"] == seed)
+        runs.loc[job, "status"] = "failed"
+        runs.loc[job, "reason"] = (
+            f"non-finite score: {first.evaluator}/{first.metric}={first.value} "
+            f"(prompt {first.prompt_id}; {len(frame)} value(s) in all)"
+        )
+    return runs
+
+
+def of_successful_jobs(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    ok = runs.loc[runs["status"] == "ok", JOB_KEYS].drop_duplicates()
+    return records.merge(ok, on=JOB_KEYS, how="inner")[list(records.columns)]
 
 
 def check_one_build(runs: list[tuple[str, str, str]]) -> None:

@@ -16,14 +16,15 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import pandas as pd
 
 from fia_bench import stats
-from fia_bench.cache import Cache, read_json, write_json, write_text
+from fia_bench.cache import Cache, atomic_write, read_json, write_json, write_text
 from fia_bench.composite import fia_overall
-from fia_bench.errors import FiaBenchError
+from fia_bench.errors import FiaBenchError, crash_line
 from fia_bench.loggers import log_run
 from fia_bench.records import (
     JOB_KEYS,
@@ -31,6 +32,8 @@ from fia_bench.records import (
     RUN_COLUMNS,
     check_complete,
     check_one_build,
+    fail_non_finite,
+    of_successful_jobs,
     rule_labels,
     shown_method,
 )
@@ -50,11 +53,14 @@ PACKAGES = (
 )
 COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
 ROLE_LABEL = {"target": "forget", "retain": "retain", "quality": "quality", "all": "all"}
+SEED_STATS = ["mean", "std", "count"]  # over seeds: a cell's value, spread and seed count
 
 
 # ---- tables --------------------------------------------------------------------------------
-def cell(mean: float, std: float) -> str:
-    return stats.format_mean_std(mean, std)
+def cell(mean: float, std: float, n_seeds: int, planned: int) -> str:
+    """mean ± std; a cell holding fewer seeds than the sweep ran (a job failed) says how many."""
+    text = stats.format_mean_std(mean, std)
+    return f"{text} (n={int(n_seeds)})" if n_seeds < planned and not pd.isna(mean) else text
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -93,16 +99,19 @@ def latex_table(header: list[str], rows: list[list[str]], caption: str) -> str:
 
 
 def concept_tables(
-    records: pd.DataFrame, methods: list[str], labels: dict[tuple[str, int], str] | None = None
+    records: pd.DataFrame,
+    methods: list[str],
+    planned: dict[int, int],
+    labels: dict[tuple[str, int], str] | None = None,
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Paper layout per (n_concepts, per-prompt metric): one row per concept, one column per
     method (named with the rule it applied, ``labels`` from ``rule_labels``), then the average
-    forget and retain rows."""
+    forget and retain rows. ``planned``: seeds run per concept count."""
     per_prompt = records[(records["role"] != "all") & ~records["metric"].str.startswith(COUNT)]
     units = stats.paired_units(per_prompt)
     tables = []
     for (n, evaluator, metric), frame in units.groupby(["n_concepts", "evaluator", "metric"]):
-        per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(["mean", "std"])
+        per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(SEED_STATS)
         order = {c: i for i, c in enumerate(records["concept"].unique())}  # the task's order
         targets = sorted(frame.loc[frame["role"] == "target", "concept"].unique(), key=order.get)
         retained = sorted(frame.loc[frame["role"] == "retain", "concept"].unique(), key=order.get)
@@ -112,7 +121,9 @@ def concept_tables(
                 cells = []
                 for m in methods:
                     key = (m, concept, role)
-                    cells.append(cell(*per_concept.loc[key]) if key in per_concept.index else "—")
+                    cells.append(
+                        cell(*per_concept.loc[key], planned[n]) if key in per_concept.index else "—"
+                    )
                 rows.append([f"{concept} ({ROLE_LABEL[role]})", *cells])
         seeds = stats.seed_values(
             records[
@@ -122,23 +133,26 @@ def concept_tables(
             ]
         )
         for role in ("target", "retain"):
-            avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(["mean", "std"])
+            avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(SEED_STATS)
             if not avg.empty:
                 rows.append(
                     [
                         f"**Avg {ROLE_LABEL[role]}**",
-                        *(cell(*avg.loc[m]) if m in avg.index else "—" for m in methods),
+                        *(
+                            cell(*avg.loc[m], planned[n]) if m in avg.index else "—"
+                            for m in methods
+                        ),
                     ]
                 )
         if metric == "accuracy" and {"target", "retain"} <= set(seeds["role"]):
             # FIA's overall score, per seed from that seed's averages, then over seeds
             wide = seeds.pivot_table(index=["method", "seed"], columns="role", values="value")
             overall = pd.Series(fia_overall(wide["target"], wide["retain"]), index=wide.index)
-            agg = overall.groupby("method").agg(["mean", "std"])
+            agg = overall.groupby("method").agg(SEED_STATS)
             rows.append(
                 [
                     "**Overall (H)**",
-                    *(cell(*agg.loc[m]) if m in agg.index else "—" for m in methods),
+                    *(cell(*agg.loc[m], planned[n]) if m in agg.index else "—" for m in methods),
                 ]
             )
         tables.append(
@@ -152,7 +166,10 @@ def concept_tables(
 
 
 def count_tables(
-    records: pd.DataFrame, methods: list[str], labels: dict[tuple[str, int], str] | None = None
+    records: pd.DataFrame,
+    methods: list[str],
+    planned: dict[int, int],
+    labels: dict[tuple[str, int], str] | None = None,
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Detector layout (NudeNet-style tables): per-image ``count/<class>`` values summed over the
     image set of each seed, one row per class plus the total, mean ± std over seeds."""
@@ -163,12 +180,15 @@ def count_tables(
         total = per_seed.groupby(["method", "seed"])["value"].sum().reset_index()
         total["metric"] = "total"
         stats_by = pd.concat([per_seed, total]).groupby(["method", "metric"])["value"]
-        agg = stats_by.agg(["mean", "std"])
+        agg = stats_by.agg(SEED_STATS)
         classes = [*sorted(frame["metric"].unique()), "total"]
         rows = [
             [
                 c.removeprefix(COUNT),
-                *(cell(*agg.loc[(m, c)]) if (m, c) in agg.index else "—" for m in methods),
+                *(
+                    cell(*agg.loc[(m, c)], planned[n]) if (m, c) in agg.index else "—"
+                    for m in methods
+                ),
             ]
             for c in classes
         ]
@@ -192,7 +212,7 @@ def summary_rows(
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
             ROLE_LABEL[r.role],
-            cell(r.mean, r.std),
+            stats.format_mean_std(r.mean, r.std),
             str(r.n_seeds),
             str(r.n_samples),
         ]
@@ -269,7 +289,9 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    )
     plt.close(fig)
 
 
@@ -309,10 +331,14 @@ def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts
                 ),
                 None,
             )
-            if found is not None:
+            if found is None:
+                continue
+            try:
                 img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
-                grid.paste(img, (label_w + j * tile, head_h + i * tile))
-    grid.save(path, format="PNG")
+            except (OSError, SyntaxError):  # a damaged image: its tile stays blank
+                continue
+            grid.paste(img, (label_w + j * tile, head_h + i * tile))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 # ---- provenance ----------------------------------------------------------------------------
@@ -357,11 +383,14 @@ def write_report(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``weights``: the fingerprints of the models the runs loaded, printed under the title so
     that a report tells which build of a model (the mini world is retrained) it measured."""
+    runs = fail_non_finite(records, runs)
+    measured = records  # every value, failures included, goes into records.csv
+    records = of_successful_jobs(records, runs)
     check_complete(records, runs)
     summary = stats.summarize(records)
     tests = stats.wilcoxon_tests(records, reference=reference, alpha=alpha)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "records.csv", records.to_csv(index=False))
+    write_text(out_dir / "records.csv", measured.to_csv(index=False))
     write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_text(out_dir / "tests.csv", tests.to_csv(index=False))
@@ -378,7 +407,11 @@ def write_report(
     md += ["", *(f"- `{r.evaluator}`: {r.protocol}" for r in protocols.itertuples()), ""]
     tex = []
     labels = rule_labels(runs)
-    tables = [*concept_tables(records, methods, labels), *count_tables(records, methods, labels)]
+    planned = runs.groupby("n_concepts")["seed"].nunique().to_dict()
+    tables = [
+        *concept_tables(records, methods, planned, labels),
+        *count_tables(records, methods, planned, labels),
+    ]
     for title, header, rows in tables:
         md += [f"## {title}", "", markdown_table(header, rows), ""]
         tex.append(latex_table(header, [[c.replace("**", "") for c in r] for r in rows], title))
@@ -484,18 +517,18 @@ def load_runs(
             if not (d / name).is_file():
                 raise FiaBenchError(f"{d} is not a fia_bench run directory (no {name})")
         records.append(
-            pd.read_csv(
+            read_run_table(
                 d / "records.csv",
-                keep_default_na=False,
+                RECORD_COLUMNS,
                 na_values=[""],
                 dtype={"prompt_id": str, "image_key": str},
             )
         )
-        runs.append(pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[]))
-        manifest = read_json(d / "manifest.json")
-        caches.append(Cache(manifest["config"]["cache_dir"]))
-        configs[str(d)] = manifest["config"]
-        weights.append(manifest["inputs"]["model_weights"])
+        runs.append(read_run_table(d / "runs.csv", RUN_COLUMNS, na_values=[]))
+        config, model_weights = read_manifest(d / "manifest.json")
+        caches.append(Cache(config["cache_dir"]))
+        configs[str(d)] = config
+        weights.append(model_weights)
     check_one_build(
         [
             (str(d), model, w)
@@ -519,8 +552,69 @@ def load_runs(
     return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
 
 
+INTEGER_COLUMNS = ("n_concepts", "seed")
+
+
+def read_run_table(path: Path, columns: list[str], **options: Any) -> pd.DataFrame:
+    """A run's CSV table with its columns and their types checked: a damaged or hand-edited file
+    ends in one line naming the file, the row and what is wrong, never in a pandas trace."""
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, **options)
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise FiaBenchError(f"{path}: not a readable CSV table ({str(err).strip()})") from err
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise FiaBenchError(f"{path}: missing column(s) {', '.join(missing)}")
+    numeric = [*INTEGER_COLUMNS, "value"] if "value" in columns else list(INTEGER_COLUMNS)
+    for column in numeric:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        blank = frame[column].isna() | (frame[column].astype(str) == "")
+        wrong = values.isna() & ~(blank & (column == "value"))
+        if column in INTEGER_COLUMNS:
+            wrong |= ~np.isfinite(values.fillna(0)) | (values.fillna(0) % 1 != 0)
+            wrong |= (values.abs() >= 2**62) & values.notna()
+        if wrong.any():
+            row = int(np.flatnonzero(wrong.to_numpy())[0])
+            kind = "an integer" if column in INTEGER_COLUMNS else "a number"
+            raise FiaBenchError(
+                f"{path}:{row + 2}: {column}={str(frame[column].iloc[row])!r} is not {kind}"
+            )
+        frame[column] = values.astype(int) if column in INTEGER_COLUMNS else values.astype(float)
+    if "higher_is_better" in columns:
+        flags = frame["higher_is_better"].astype(str)
+        wrong = ~flags.isin(["True", "False"])
+        if wrong.any():
+            row = int(np.flatnonzero(wrong.to_numpy())[0])
+            raise FiaBenchError(
+                f"{path}:{row + 2}: higher_is_better={flags.iloc[row]!r} is not True or False"
+            )
+        frame["higher_is_better"] = flags == "True"
+    return frame
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """(resolved config, model weights fingerprint) of a run's manifest."""
+    try:
+        manifest = read_json(path)
+        config, weights = manifest["config"], manifest["inputs"]["model_weights"]
+        str(config["cache_dir"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FiaBenchError(f"{path}: not JSON ({err})") from err
+    except (KeyError, TypeError) as err:
+        raise FiaBenchError(f"{path}: not a fia_bench manifest (no {err})") from err
+    return config, str(weights)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in the one-line form of every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m fia_bench.report",
         description="Merge fia_bench run directories into one report.",
     )
@@ -536,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the report's markdown here, its figure links pointing into --out",
     )
     args = parser.parse_args(argv)
+    if not (0 < args.alpha < 1):
+        parser.error(f"--alpha {args.alpha}: must be a number > 0 and < 1")
+    if args.grid_prompts < 0:
+        parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
         records, runs, caches, configs, weights = load_runs(args.runs)
         records = records.sort_values(
@@ -559,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     except FiaBenchError as err:
         print(f"fia_bench.report: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        print(f"fia_bench.report: {crash_line(err, args.out)}", file=sys.stderr)
+        return 1
     text = (args.out / "report.md").read_text(encoding="utf-8")
     if args.markdown:
         write_text(args.markdown, relocated(text, args.out, args.markdown))

@@ -5,29 +5,27 @@ notebooks get the same results as the command line."""
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from fia_bench import distributed, report
 from fia_bench.api import PROMPT_COLUMNS, Attack, EvalContext, Evaluator, PromptDataset, Task
 from fia_bench.cache import Cache, stable_hash
-from fia_bench.cli import CONFIG_DIR
 from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, torch_dtype
-from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS
-from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared
+from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
-
-SEED_POLICIES = ("erase", "erase_and_generate")
+from fia_bench.validate import check_config, plain, selected_evaluators
 
 
 @dataclass
@@ -41,16 +39,8 @@ class RunResult:
 
 
 def resolve_seeds(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise FiaBenchError(f"seeds={value}: give a positive count N (seeds 0..N-1) or a list")
-        return list(range(value))
-    if isinstance(value, (list, ListConfig)) and value:
-        seeds = [int(s) for s in value]
-        if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-            raise FiaBenchError(f"seeds={list(seeds)}: seeds must be distinct and >= 0")
-        return seeds
-    raise FiaBenchError(f"seeds={value!r}: give a positive count N (seeds 0..N-1) or a list")
+    """``N`` → seeds 0..N-1, a list → itself (``validate.check_config`` checked both)."""
+    return list(range(value)) if isinstance(value, int) else [int(s) for s in value]
 
 
 def resolve_splits(
@@ -87,50 +77,10 @@ def resolve_splits(
     return splits
 
 
-def check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # a probe of its own: ranks of a sharded run check the same directory at once
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_probe"):
-            pass
-    except OSError as err:
-        raise FiaBenchError(f"out_dir={out_dir} is not writable: {err.strerror}") from err
-
-
-def plain(node: Any) -> dict[str, Any]:
-    """A config node as a plain dict (settings are handed to plugins as keyword arguments)."""
-    return {} if node is None else OmegaConf.to_container(node, resolve=True)
-
-
 def build_dataset(node: DictConfig, where: str, cache: Cache) -> PromptDataset:
     dataset = DATASETS.get(str(node.dataset), f"{where}.dataset")(**plain(node.get("settings")))
     dataset.cache = cache
     return dataset
-
-
-DETECTOR = "detector"
-
-
-def selected_evaluators(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Evaluator name → its config. ``detector`` stands for the model world's explicit-content
-    judge (``model.detector``: nudenet on SD, hazard_detector on the mini world) with that
-    evaluator's shipped config, so one command line serves every world; keys given under
-    ``evaluator.detector`` override the shipped ones."""
-    selected = {str(k): plain(v) or {} for k, v in (cfg.get("evaluator") or {}).items()}
-    if DETECTOR in selected:
-        name = str(cfg.model.get("detector") or "")
-        if not name:
-            raise FiaBenchError(
-                f"evaluator=detector: model {cfg.model.name} names no detector (model.detector)"
-            )
-        if name in selected:
-            raise FiaBenchError(
-                f"evaluator=[...] selects both detector and {name}, which is model "
-                f"{cfg.model.name}'s detector: keep one"
-            )
-        shipped = OmegaConf.load(Path(CONFIG_DIR) / "evaluator" / f"{name}.yaml")
-        selected[name] = plain(OmegaConf.merge(shipped, selected.pop(DETECTOR)))
-    return dict(sorted(selected.items()))
 
 
 def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluator]:
@@ -154,11 +104,9 @@ def run(cfg: DictConfig) -> RunResult:
 
 def run_job(cfg: DictConfig) -> RunResult:
     started = time.perf_counter()
+    check_config(cfg)
     out_dir = Path(cfg.out_dir)
-    check_writable(out_dir)
     seeds = resolve_seeds(cfg.seeds)
-    if cfg.seed_policy not in SEED_POLICIES:
-        raise unknown_choice("seed_policy", cfg.seed_policy, SEED_POLICIES, "seed_policy=")
     task = load_task(str(cfg.task.name), str(cfg.model.world))
     splits = resolve_splits(cfg, task)
     cache = Cache(cfg.cache_dir)
@@ -171,8 +119,17 @@ def run_job(cfg: DictConfig) -> RunResult:
     dtype = torch_dtype(cfg.precision)
     method_settings = plain(cfg.method.get("settings"))
     methods = {str(cfg.reference): {}} | {str(cfg.method.name): method_settings}
-    for name in methods:
-        METHODS.get(name, "method=")
+    # every split's prompt rows before the model loads: a bad prompt file fails in seconds
+    prompt_sets = {
+        n: pd.concat(
+            [
+                check_prompt_rows(d.rows(task, targets, retain), f"task.{key}")
+                for key, d in datasets.items()
+            ],
+            ignore_index=True,
+        )
+        for n, targets, retain in splits
+    }
 
     model = load_model(cfg.model, world_vocabulary(task.world), cfg.device, cfg.precision)
     options = EngineOptions.from_config(cfg.engine)
@@ -215,13 +172,7 @@ def run_job(cfg: DictConfig) -> RunResult:
                 f"{erased.reason}"
             )
             continue
-        prompts = pd.concat(
-            [
-                check_prompt_rows(d.rows(task, job.targets, job.retain), f"task.{key}")
-                for key, d in datasets.items()
-            ],
-            ignore_index=True,
-        )
+        prompts = prompt_sets[job.n_concepts]
         prompt_hashes[f"n_concepts={job.n_concepts}"] = stable_hash(prompts.values.tolist())
         shift = job.seed * SEED_STRIDE if cfg.seed_policy == "erase_and_generate" else 0
         prompts = with_images(
@@ -288,11 +239,6 @@ def build_attacks(cfg: DictConfig, evaluators: dict[str, Evaluator]) -> dict[str
         settings = plain(node.get("settings"))
         judge_cfg = plain(node.get("judge"))
         judge_name, metric = str(judge_cfg.get("evaluator")), str(judge_cfg.get("metric"))
-        if judge_name not in evaluators:
-            raise FiaBenchError(
-                f"attack {name} is judged by evaluator '{judge_name}': add it to "
-                f"evaluator=[...] (selected: {', '.join(evaluators)})"
-            )
         if metric not in evaluators[judge_name].higher_is_better:
             raise unknown_choice(
                 f"success metric of {judge_name}",
@@ -345,7 +291,10 @@ def evaluate(
         for prompt_id, detail in details.items()
     ]
     return ";".join(
-        f"{name}/{metric}={1 if metric in evaluator.set_level_metrics else len(prompts)}"
+        declared(
+            f"{name}/{metric}",
+            ["*"] if metric in evaluator.set_level_metrics else list(prompts["case_id"]),
+        )
         for metric in sorted(evaluator.higher_is_better)
     )
 
@@ -423,7 +372,8 @@ def run_attack(
         }
         for p in adversarial
     ]
-    return f"{name}/asr={len(rows)}" + (f";{name}/pre_asr={len(pre)}" if pre else "")
+    entries = [declared(f"{name}/asr", list(rows["case_id"]))]
+    return ";".join(entries + ([declared(f"{name}/pre_asr", list(pre))] if pre else []))
 
 
 def score_records(
@@ -460,10 +410,22 @@ def score_records(
     return rows
 
 
+MAX_EVALUATION_SEED = 2**62  # shifted by erasure seeds (< 2**32) times SEED_STRIDE, fits 64 bits
+
+
 def check_prompt_rows(prompts: pd.DataFrame, where: str) -> pd.DataFrame:
     missing = [c for c in PROMPT_COLUMNS if c not in prompts.columns]
     if missing or prompts.empty:
         raise FiaBenchError(f"the dataset of {where} returned no rows or lacks {missing}")
+    for case, seed in zip(prompts["case_id"], prompts["evaluation_seed"], strict=True):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise FiaBenchError(
+                f"{where}: case {case} has evaluation_seed {seed!r}, not an integer"
+            )
+        if not 0 <= seed < MAX_EVALUATION_SEED:
+            raise FiaBenchError(
+                f"{where}: case {case} has evaluation_seed {seed}; seeds must be in 0..2**62-1"
+            )
     return prompts
 
 

@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 
 from fia_bench import artifacts, distributed
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, EraseRequest, Evaluator, Task
-from fia_bench.cache import Cache, atomic_write, read_json, stable_hash, write_json
+from fia_bench.cache import (
+    Cache,
+    Damaged,
+    atomic_write,
+    check_png,
+    read_sealed_json,
+    stable_hash,
+    write_sealed_json,
+)
 from fia_bench.engine import Engine
 from fia_bench.errors import FiaBenchError
 from fia_bench.models import LoadedModel
@@ -143,16 +151,37 @@ class Stages:
         )
 
     def erased_from_cache(self, key: str) -> Erased | None:
+        """The stored erasure, or None when there is none yet or it was damaged (its metadata
+        does not parse or match its digest, or the delta is not the one the metadata records):
+        a damaged entry is set aside and recomputed, never used."""
         meta_path = self.cache.path("erase", key, ".json")
         delta_path = self.cache.path("erase", key, ".safetensors")
         if not meta_path.exists():
             return None
-        meta = read_json(meta_path)
-        if meta["status"] == "ok" and not delta_path.exists():
+        try:
+            meta = read_sealed_json(meta_path)
+            if not (isinstance(meta, dict) and meta.get("status") in ("ok", "failed")):
+                raise Damaged("not an erasure record")
+            delta = artifacts.Delta()
+            if meta["status"] == "ok":
+                if not delta_path.exists():
+                    return None
+                delta = self.verified_delta(delta_path, str(meta.get("weights_id")))
+        except Damaged as err:
+            self.cache.set_aside([meta_path, delta_path], str(err))
             return None
         self.counts.erase_cached += 1
-        delta = artifacts.Delta.load(delta_path) if meta["status"] == "ok" else None
-        return Erased(key, meta["status"], meta["reason"], delta or artifacts.Delta(), meta)
+        return Erased(key, meta["status"], meta["reason"], delta, meta)
+
+    def verified_delta(self, path: Any, weights_id: str) -> artifacts.Delta:
+        """The stored delta, re-hashed: it must give the weights its metadata recorded."""
+        try:
+            delta = artifacts.Delta.load(path)
+        except Exception as err:  # safetensors raises its own error types for a bad file
+            raise Damaged(f"delta unreadable ({type(err).__name__})") from err
+        if self.weights_id(delta) != weights_id:
+            raise Damaged("delta does not hash to the weights its metadata records")
+        return delta
 
     def erase_now(self, job: Job, key: str) -> Erased:
         """Run the method on the base weights and store its delta, then its metadata (the
@@ -185,7 +214,7 @@ class Stages:
         }
         if not non_finite:
             delta.save(delta_path, {"method": job.method, "erase_key": key})
-        write_json(meta_path, meta)
+        write_sealed_json(meta_path, meta)
         self.counts.erased += 1
         return Erased(key, meta["status"], meta["reason"], delta, meta)
 
@@ -246,8 +275,20 @@ class Stages:
         size = self.engine.sampler.batch_size
         batches = [range(i, min(i + size, len(keys))) for i in range(0, len(keys), size)]
 
+        def intact(key: str) -> bool:
+            """The image is stored and whole; a damaged one is set aside to be made again."""
+            path = self.image_path(key)
+            if not path.exists():
+                return False
+            try:
+                check_png(path)
+            except Damaged as err:
+                self.cache.set_aside([path], str(err))
+                return False
+            return True
+
         def missing(batch: range) -> bool:
-            return any(not self.image_path(keys[i]).exists() for i in batch)
+            return not all([intact(keys[i]) for i in batch])  # a list: check every image
 
         todo = self.group.from_main(lambda: [b for b in batches if missing(b)])
         self.counts.images_cached += len(keys) - sum(len(b) for b in todo)
@@ -317,24 +358,33 @@ class Stages:
             ]
             return {"scores": scores, "details": evaluator.details()}
 
-        stored, hit = self.once("scores", key, compute)
+        stored, hit = self.once("scores", key, compute, valid_scores)
         if hit:
             self.counts.score_cached += 1
         else:
             self.counts.scored += 1
         return stored["scores"], stored["details"]
 
-    def once(self, stage: str, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    def once(
+        self, stage: str, key: str, compute: Callable[[], Any], valid: Callable[[Any], bool]
+    ) -> tuple[Any, bool]:
         """(result, whether it was cached) of a JSON stage: rank 0 computes it under the key's
-        lock unless the cache has it, and every rank receives it."""
+        lock unless the cache has it whole (its digest matches and ``valid`` accepts it), and
+        every rank receives it."""
         path = self.cache.path(stage, key, ".json")
 
         def locked() -> tuple[Any, bool]:
             with self.cache.lock(stage, key):
                 if path.exists():
-                    return read_json(path), True
+                    try:
+                        stored = read_sealed_json(path)
+                        if not valid(stored):
+                            raise Damaged(f"not a {stage} record")
+                        return stored, True
+                    except Damaged as err:
+                        self.cache.set_aside([path], str(err))
                 result = compute()
-                write_json(path, result)
+                write_sealed_json(path, result)
                 return result, False
 
         return self.group.leader(locked)
@@ -416,8 +466,30 @@ class Stages:
                 artifacts.restore(pipe, self.base, erased.delta.changed)
                 self.engine.forget_embeddings()
 
-        stored, _ = self.once("attacks", key, compute)
+        stored, _ = self.once("attacks", key, compute, valid_attack_prompts)
         return [AdversarialPrompt(**p) for p in stored]
+
+
+def valid_scores(stored: Any) -> bool:
+    return (
+        isinstance(stored, dict)
+        and isinstance(stored.get("details"), dict)
+        and isinstance(stored.get("scores"), list)
+        and all(
+            isinstance(s, dict)
+            and isinstance(s.get("prompt_id"), str)
+            and isinstance(s.get("metric"), str)
+            and isinstance(s.get("value"), (int, float))
+            for s in stored["scores"]
+        )
+    )
+
+
+def valid_attack_prompts(stored: Any) -> bool:
+    fields = {f.name for f in dataclasses.fields(AdversarialPrompt)}
+    return isinstance(stored, list) and all(
+        isinstance(p, dict) and set(p) == fields for p in stored
+    )
 
 
 def info_json(meta: dict[str, Any]) -> str:

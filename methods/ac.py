@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Text
 from fia_bench.unet_edit import encode_images, training_only
 
 PARAMETER_GROUPS = {
@@ -32,6 +33,21 @@ PARAMETER_GROUPS = {
 
 
 class ConceptAblation(Method):
+    SETTINGS = Schema(
+        anchor=Text(null=True),
+        anchor_default=Text(),
+        templates=Dict(Items(Text(), min_items=1), null=True),
+        images=Int(ge=1),
+        steps=Int(ge=1),
+        batch_size=Int(ge=1),
+        lr=Real(gt=0),
+        scale_lr=Flag(),
+        parameter_group=Choice(*PARAMETER_GROUPS),
+        weight_decay=Real(ge=0),
+        max_grad_norm=Real(gt=0),
+        seed_base=Int(ge=0),
+    )
+
     def __init__(
         self,
         anchor: str | None = None,

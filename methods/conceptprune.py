@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Int, Items, Real, Schema, Table, Text
 from fia_bench.unet_edit import block_linears, task_block
 
 # The code's hook_module choices: unet (FFN2), unet-ffn-1 (GEGLU's projection), attn_key, attn_val.
@@ -84,6 +85,26 @@ def skilled_counts(
 
 
 class ConceptPrune(Method):
+    SETTINGS = Schema(
+        skill_ratio=Real(gt=0, le=1, null=True),
+        timesteps=Int(ge=1),
+        select_ratio=Real(ge=0, lt=1),
+        inference_steps=Int(ge=1),
+        guidance_scale=Real(),
+        noise_seed=Int(ge=0, null=True),
+        layer=Choice(*LAYERS),
+        batch_size=Int(ge=1, null=True),
+        tasks=Dict(
+            Table(
+                skill_ratio=Real(gt=0, le=1),
+                concept_prompt=Text(),
+                base_prompt=Text(),
+                placeholders=Items(Text(), min_items=1),
+            ),
+            null=True,
+        ),
+    )
+
     def __init__(
         self,
         skill_ratio: float | None = None,

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Flag, Int, Real, Schema, Text
 from fia_bench.unet_edit import encode_images
 
 VARIANTS = ("code", "paper")
@@ -433,6 +434,32 @@ class ConceptTrainer:
 
 
 class DynamicMask(Method):
+    SETTINGS = Schema(
+        variant=Choice(*VARIANTS),
+        kd=Flag(null=True),
+        scale=Real(ge=0),
+        scale_kd=Real(ge=0),
+        images_per_class=Int(ge=1),
+        batch_size=Int(ge=1),
+        epochs=Int(ge=1),
+        warmup_steps=Int(ge=0),
+        mask_update_interval=Int(ge=0),
+        mask_update_until=Real(ge=0, le=1),
+        update_percent=Real(gt=0, le=1),
+        initial_turnover_fraction=Real(ge=0, le=1),
+        lr=Real(gt=0),
+        lr_schedule=Choice(*LR_SCHEDULES),
+        select_best_epoch=Flag(),
+        exclude_warmup_from_best=Flag(),
+        strict_mask=Flag(),
+        latent=Choice(*LATENTS),
+        prompt=Text(),
+        superclass_default=Text(),
+        seed_base=Int(ge=0),
+        shuffle=Flag(),
+        progress=Flag(),
+    )
+
     def __init__(
         self,
         variant: str = "code",

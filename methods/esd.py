@@ -50,6 +50,7 @@ from torch import nn
 from fia_bench.api import EraseRequest, Method
 from fia_bench.engine import SCHEDULERS, Engine, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Int, Real, Schema
 
 VARIANTS = ("paper", "diffusers2025")
 TRAIN_SETS = ("esd-x", "esd-u", "esd-all", "esd-x-strict")
@@ -129,6 +130,19 @@ def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) ->
 
 
 class ESD(Method):
+    SETTINGS = Schema(
+        variant=Choice(*VARIANTS),
+        train=Choice("auto", *TRAIN_SETS),
+        iterations=Int(ge=1, null=True),
+        lr=Real(gt=0, null=True),
+        negative_guidance=Real(null=True),
+        start_guidance=Real(),
+        ddim_steps=Int(ge=1),
+        xt_source=Choice(*XT_SOURCES, null=True),
+        eta_convention=Choice(*ETA_CONVENTIONS, null=True),
+        xt_scheduler=Choice(*SCHEDULERS, null=True),
+    )
+
     def __init__(
         self,
         variant: str = "paper",

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Table, Text
 from fia_bench.unet_edit import block_linears, task_block
 
 VARIANTS = ("code", "paper")
@@ -238,6 +239,43 @@ def check_fraction(name: str, value: float, where: str) -> float:
 
 
 class FIA(Method):
+    SETTINGS = Schema(
+        variant=Choice(*VARIANTS),
+        alpha=Real(ge=0, le=1, null=True),
+        r1=Real(ge=0, le=1, null=True),
+        r2=Real(ge=0, le=1, null=True),
+        r1_overrides=Dict(Real(ge=0, le=1), null=True),
+        r2_overrides=Dict(Real(ge=0, le=1), null=True),
+        saliency_steps=Int(ge=1),
+        inference_steps=Int(ge=1),
+        guidance_scale=Real(),
+        noise_seed=Int(ge=0, null=True),
+        placeholders_per_concept=Int(ge=1, null=True),
+        placeholder_choice=Choice(*PLACEHOLDER_CHOICES),
+        normalize_magnitude=Flag(null=True),
+        cfg_rows=Choice(*CFG_ROWS),
+        granularity=Choice(*GRANULARITIES),
+        require_positive=Flag(),
+        degenerate_fusion=Choice(*DEGENERATE),
+        eps=Real(gt=0),
+        batch_size=Int(ge=1, null=True),
+        layer=Choice(*LAYERS),
+        selection=Choice(*SELECTIONS),
+        tasks=Dict(
+            Table(
+                alpha=Real(ge=0, le=1),
+                r1=Real(ge=0, le=1),
+                r2=Real(ge=0, le=1),
+                r1_overrides=Dict(Real(ge=0, le=1)),
+                r2_overrides=Dict(Real(ge=0, le=1)),
+                concept_templates=Items(Text(), min_items=1),
+                base_templates=Items(Text(), min_items=1),
+                placeholders=Items(Text(), min_items=1),
+            ),
+            null=True,
+        ),
+    )
+
     def __init__(
         self,
         variant: str = "code",

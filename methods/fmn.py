@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Dict, Flag, Int, Real, Schema, Text
 from fia_bench.unet_edit import (
     concept_token_mask,
     cross_attention_probabilities,
@@ -30,6 +31,18 @@ from fia_bench.unet_edit import (
 
 
 class FMN(Method):
+    SETTINGS = Schema(
+        steps=Int(ge=1),
+        lr=Real(gt=0),
+        weight_decay=Real(ge=0),
+        max_grad_norm=Real(gt=0),
+        only_optimize_ca=Flag(),
+        use_pooler=Flag(),
+        images_per_concept=Int(ge=1),
+        prompts=Dict(Text(), null=True),
+        seed_base=Int(ge=0),
+    )
+
     def __init__(
         self,
         steps: int = 35,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Text
 from fia_bench.unet_edit import (
     block_linears,
     concept_token_mask,
@@ -92,6 +93,27 @@ def importance_weights(n_steps: int, temperature: float = 0.05) -> np.ndarray:
 
 
 class MACE(Method):
+    SETTINGS = Schema(
+        lamb=Real(ge=0),
+        mapping=Text(null=True),
+        mapping_default=Text(),
+        preserve_retain=Flag(),
+        preserve_scale=Real(ge=0),
+        concept_type=Choice(*CONCEPT_TYPES, null=True),
+        templates=Dict(Items(Text(), min_items=1), null=True),
+        train_lora=Flag(),
+        rank=Int(ge=1),
+        lr=Real(gt=0),
+        train_steps=Int(ge=0),
+        weight_decay=Real(ge=0),
+        max_grad_norm=Real(gt=0),
+        importance_sampling=Flag(),
+        use_pooler=Flag(),
+        images_per_concept=Int(ge=1),
+        image_prompt=Dict(Text(), null=True),
+        seed_base=Int(ge=0),
+    )
+
     def __init__(
         self,
         lamb: float = 100.0,

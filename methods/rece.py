@@ -26,6 +26,7 @@ import torch
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError
 from fia_bench.methods.uce import UCE, solve_in_place
+from fia_bench.schema import Dict, Int, Real, Schema, Table, Text
 from fia_bench.unet_edit import block_linears, task_block
 
 PROJECTIONS = ("attn2.to_v", "attn2.to_k")
@@ -45,6 +46,18 @@ def adversarial_rows(
 
 
 class RECE(Method):
+    SETTINGS = Schema(
+        uce=Dict(null=True),
+        lamb=Real(ge=0, null=True),
+        epochs=Int(ge=0, null=True),
+        erase_scale=Real(ge=0),
+        preserve_scale=Real(ge=0),
+        regular_scale=Real(ge=0),
+        guide=Text(),
+        preserve_text=Text(),
+        tasks=Dict(Table(lamb=Real(ge=0), epochs=Int(ge=0)), null=True),
+    )
+
     def __init__(
         self,
         uce: dict[str, Any] | None = None,

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Dict, Int, Real, Schema, Text
 from fia_bench.unet_edit import encode_images, training_only
 
 
@@ -46,6 +47,19 @@ def saliency_mask(gradients: dict[str, torch.Tensor], fraction: float) -> dict[s
 
 
 class SalUn(Method):
+    SETTINGS = Schema(
+        threshold=Real(gt=0, le=1),
+        guidance=Real(),
+        alpha=Real(ge=0),
+        lr=Real(gt=0),
+        epochs=Int(ge=1),
+        batch_size=Int(ge=1),
+        images_per_concept=Int(ge=1),
+        retain_images_per_concept=Int(ge=0),
+        prompt=Dict(Text(), null=True),
+        seed_base=Int(ge=0),
+    )
+
     def __init__(
         self,
         threshold: float = 0.5,

@@ -53,6 +53,7 @@ import torch
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Text
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +409,37 @@ def mi_summary(mi: list[torch.Tensor]) -> dict[str, Any]:
 
 # ---- the plugin ----------------------------------------------------------------------------------
 class ScaPre(Method):
+    SETTINGS = Schema(
+        variant=Choice(*VARIANTS),
+        lamb=Real(ge=0),
+        erase_scale=Real(ge=0),
+        guide=Text(),
+        neutral_prompt=Text(),
+        noise_sigma=Real(ge=0),
+        entropy_samples=Int(ge=1),
+        entropy_bins=Int(ge=1),
+        use_mi_softmask=Flag(),
+        mi_samples=Int(ge=1),
+        mi_power=Real(),
+        mi_temperature=Real(gt=0),
+        enable_ased=Flag(),
+        sigma_temperature=Real(gt=0),
+        sigma_power=Real(),
+        bures_iters=Int(ge=0),
+        solver=Choice(*SOLVERS),
+        geodesic_step=Real(ge=0, le=1),
+        paper_target=Choice(*PAPER_TARGETS),
+        paper_anchor=Flag(),
+        preserve_retain=Flag(),
+        preserve_scale=Real(ge=0),
+        add_prompts=Flag(),
+        concept_type=Text(),
+        templates=Dict(Items(Text(), min_items=1), null=True),
+        alpha_min=Real(ge=0, le=1),
+        svd_residual=Flag(),
+        residual_scale=Real(ge=0, null=True),
+    )
+
     def __init__(
         self,
         variant: str = "code",

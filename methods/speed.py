@@ -31,6 +31,7 @@ import torch
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Dict, Flag, Int, Real, Schema, Table, Text
 from fia_bench.unet_edit import block_linears, task_block
 
 PARAMS = {"V": ("attn2.to_v",), "K": ("attn2.to_k",), "KV": ("attn2.to_k", "attn2.to_v")}
@@ -70,6 +71,37 @@ def speed_delta(
 
 
 class SPEED(Method):
+    SETTINGS = Schema(
+        params=Choice(*PARAMS),
+        aug_num=Int(ge=0),
+        threshold=Real(gt=0, null=True),
+        retain_scale=Real(ge=0, null=True),
+        lamb=Real(ge=0, null=True),
+        filter_retain=Flag(null=True),
+        multi_concept_from=Int(ge=1),
+        prior_clusters=Int(ge=1),
+        tasks=Dict(
+            Table(
+                anchor=Text(),
+                token_rows=Choice(*TOKEN_ROWS),
+                retain=Choice(*RETAIN),
+                few=Table(
+                    threshold=Real(gt=0),
+                    retain_scale=Real(ge=0),
+                    lamb=Real(ge=0),
+                    filter_retain=Flag(),
+                ),
+                multi=Table(
+                    threshold=Real(gt=0),
+                    retain_scale=Real(ge=0),
+                    lamb=Real(ge=0),
+                    filter_retain=Flag(),
+                ),
+            ),
+            null=True,
+        ),
+    )
+
     def __init__(
         self,
         params: str = "V",

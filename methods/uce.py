@@ -33,6 +33,7 @@ import torch
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import unknown_choice
+from fia_bench.schema import Choice, Flag, Real, Schema, Text
 
 VARIANTS = ("paper", "lasttoken")
 EXPANSIONS = {
@@ -48,6 +49,17 @@ def task_kind(task_name: str) -> str:
 
 
 class UCE(Method):
+    SETTINGS = Schema(
+        variant=Choice(*VARIANTS),
+        lamb=Real(ge=0),
+        erase_scale=Real(ge=0),
+        preserve_scale=Real(ge=0, null=True),
+        guide=Text(null=True),
+        preserve_retain=Flag(null=True),
+        expand_prompts=Flag(),
+        concept_type=Choice(*EXPANSIONS, null=True),
+    )
+
     def __init__(
         self,
         variant: str = "paper",

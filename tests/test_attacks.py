@@ -112,7 +112,7 @@ def test_prompt_replay(tmp_path: Path, cache_dir: Path) -> None:
                 "attack.prompt_replay.settings.path=/no/such.csv",
                 "evaluator=[clip_score]",
             ],
-            "judged by evaluator 'clip_accuracy': add it",
+            "attack.prompt_replay.judge.evaluator='clip_accuracy': add it",
         ),
     ],
 )

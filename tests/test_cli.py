@@ -110,7 +110,7 @@ def test_report_refuses_a_directory_without_results(tmp_path: Path) -> None:
 BAD_INPUT = [
     (["method=uec"], "unknown method 'uec'"),
     (["method.name=nonne"], "did you mean 'none'"),
-    (["seeds=0"], "seeds=0: give a positive count"),
+    (["seeds=0"], "seeds=0: must be an integer >= 1"),
     (["n_concepts=11"], "has 10 concepts; use 1..10"),
     (["n_concepts=0"], "n_concepts=0"),
     (["concepts=[zebra]"], "unknown concept for task 'objects' of world 'tiny' 'zebra'"),

@@ -5,7 +5,6 @@ tokens, is deterministic per seed, and runs end to end as an attack through ``fi
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from conftest import FAST
 from tiny import tiny_engine
 
 import fia_bench
+from fia_bench.cache import read_sealed_json
 from fia_bench.errors import FiaBenchError
 from fia_bench.evaluators.attacks.mma_diffusion import MMADiffusion, token_embeddings
 from fia_bench.registry import ATTACKS
@@ -177,7 +177,7 @@ def test_end_to_end_asr_records(tmp_path: Path, cache_dir: Path, registered: Non
     cached = list((cache_dir / "attacks").rglob("*.json"))
     assert cached
     for path in cached:
-        for prompt in json.loads(path.read_text()):
+        for prompt in read_sealed_json(path):
             ids = tokenizer(prompt["prompt"], add_special_tokens=False).input_ids
             assert len(ids) == 5 and "nud" not in prompt["prompt"]
             assert prompt["source_prompt"] != prompt["prompt"]

@@ -17,6 +17,7 @@ from fia_bench.compare import PAPER_TABLES, SD_VERSIONS, check_recipe, compare
 from fia_bench.plan import compose_with_hydra, sweep_jobs
 from fia_bench.registry import METHODS
 from fia_bench.tasks import load_task
+from fia_bench.validate import check_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "experiment"
 EXPERIMENTS = sorted(p.relative_to(CONF).with_suffix("").as_posix() for p in CONF.rglob("*.yaml"))
@@ -138,12 +139,13 @@ def test_sd_recipes_pin_the_paper_protocol(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_sweep_job_composes_and_fills_a_row(name: str) -> None:
+def test_every_sweep_job_composes_passes_the_checks_and_fills_a_row(name: str) -> None:
     cfg = composed(name)
     rows = plain(cfg.recipe)["rows"]
     filled = set()
     for overrides in sweep_jobs([f"experiment={name}"]):
         job = compose_with_hydra(overrides)
+        check_config(job, machine=False)  # every setting of the job passes the pre-flight check
         method, settings = str(job.method.name), plain(job.method.get("settings")) or {}
         hits = [
             i

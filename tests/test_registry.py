@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from fia_bench.api import Method
 from fia_bench.errors import FiaBenchError
-from fia_bench.registry import DATASETS, EVALUATORS, METHODS
+from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -82,3 +83,39 @@ def test_every_attack_config_is_registered_and_vice_versa() -> None:
     assert config_names("attack", None) - {"all"} == set(ATTACKS.names())
     bundle = yaml.safe_load((CONF / "attack" / "all.yaml").read_text())["defaults"]
     assert set(bundle) == set(ATTACKS.names()) - {"prompt_replay"}
+
+
+@pytest.mark.parametrize("registry", [METHODS, DATASETS, ATTACKS], ids=lambda r: r.kind)
+def test_every_plugin_declares_exactly_the_settings_it_takes(registry) -> None:
+    """``SETTINGS`` is what the pre-flight check reads: a keyword the class takes but does not
+    declare would be refused on the command line, a declared one it does not take would pass the
+    check and fail after the model loaded."""
+    for name in registry.names():
+        plugin = registry.get(name)
+        taken = set(inspect.signature(plugin.__init__).parameters) - {"self", "settings"}
+        assert set(plugin.SETTINGS.fields) == taken, name
+
+
+@pytest.mark.parametrize(
+    ("group", "name", "extra"),
+    [("method", p.stem, []) for p in sorted((CONF / "method").glob("*.yaml"))]
+    + [("evaluator", p.stem, []) for p in sorted((CONF / "evaluator").glob("*.yaml"))]
+    + [
+        ("attack", p.stem, ["evaluator=[detector,clip_accuracy]"])
+        for p in sorted((CONF / "attack").glob("*.yaml"))
+    ]
+    + [("task", p.stem, []) for p in sorted((CONF / "task").glob("*.yaml"))],
+)
+def test_every_shipped_config_passes_the_settings_check(
+    group: str, name: str, extra: list[str], tmp_path: Path
+) -> None:
+    import fia_bench
+    from fia_bench.validate import check_config
+
+    selection = f"{group}=[{name}]" if group in ("evaluator", "attack") else f"{group}={name}"
+    world = ["model=sd14"] if name == "objects50" else []  # an SD-only prompt set
+    check_config(
+        fia_bench.compose(
+            [*world, selection, *extra, f"out_dir={tmp_path}", f"cache_dir={tmp_path}"]
+        )
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, rule_labels
 from fia_bench.report import concept_tables, count_tables, markdown_table, summary_rows
@@ -50,7 +51,7 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
     rows += [record(m, s, f"p{i}", "nude", 1.0) for (m, s) in values for i in range(2)]
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
-    [(title, header, table)] = count_tables(records, ["none", "uce"])
+    [(title, header, table)] = count_tables(records, ["none", "uce"], {1: 2})
     assert header == ["class", "none", "uce"]
     assert "detections per class" in title
     assert table == [
@@ -59,7 +60,7 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
         ["total", "5.00 ± 0.00", "2.50 ± 0.71"],
     ]
     # counts stay out of the per-concept layout; the image-level flag stays in it
-    concept_metrics = [t[0] for t in concept_tables(records, ["none", "uce"])]
+    concept_metrics = [t[0] for t in concept_tables(records, ["none", "uce"], {1: 2})]
     assert concept_metrics == ["n_concepts=1 · detector/nude (mean ± std over seeds)"]
     assert markdown_table(header, table).count("\n") == len(table) + 1
 
@@ -72,7 +73,7 @@ def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
         record("m", 1, "t", "accuracy", 50.0, "a", "target"),
         record("m", 1, "r", "accuracy", 50.0, "b", "retain"),
     ]
-    [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"])
+    [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"], {1: 2})
     assert table[-1] == ["**Overall (H)**", "75.00 ± 35.36"]
 
 
@@ -112,7 +113,7 @@ def test_single_concept_fia_columns_name_the_fusion_rule_they_used() -> None:
         for s in (0, 1)
     ]
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
-    headers = {t[0]: t[1] for t in concept_tables(records, ["fia", "uce"], labels)}
+    headers = {t[0]: t[1] for t in concept_tables(records, ["fia", "uce"], {1: 2, 3: 2}, labels)}
     assert headers["n_concepts=1 · detector/nude (mean ± std over seeds)"][1] == f"fia [{naive}]"
     assert headers["n_concepts=3 · detector/nude (mean ± std over seeds)"][1] == "fia"
     summary = pd.DataFrame(
@@ -131,3 +132,79 @@ def test_single_concept_fia_columns_name_the_fusion_rule_they_used() -> None:
         ]
     )
     assert summary_rows(summary, labels)[1][0][0] == f"fia [{naive}]"
+
+
+def job_rows(
+    values: dict[tuple[str, int], tuple[float, float]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """records and runs of jobs (method, seed) → (value of prompt p0, value of prompt p1)."""
+    from fia_bench.records import RUN_COLUMNS, declared
+
+    records = pd.DataFrame(
+        [
+            record(m, s, f"p{i}", "accuracy", v, "tench", "target")
+            for (m, s), vs in values.items()
+            for i, v in enumerate(vs)
+        ],
+        columns=RECORD_COLUMNS,
+    )
+    runs = pd.DataFrame(
+        [
+            dict.fromkeys(RUN_COLUMNS, "")
+            | {
+                "method": m,
+                "n_concepts": 1,
+                "seed": s,
+                "status": "ok",
+                "metrics": declared("detector/accuracy", ["p0", "p1"]),
+            }
+            for m, s in values
+        ],
+        columns=RUN_COLUMNS,
+    )
+    return records, runs
+
+
+def test_a_non_finite_score_fails_its_job_by_name_and_cells_say_their_seeds(tmp_path) -> None:
+    from fia_bench.report import write_report
+
+    values = {("none", s): (10.0 * s, 20.0) for s in range(3)}
+    values |= {("uce", 0): (0.0, 5.0), ("uce", 1): (float("nan"), 5.0), ("uce", 2): (1.0, 7.0)}
+    records, runs = job_rows(values)
+    summary, tests = write_report(tmp_path, records, runs, [], 0.05, 0)
+
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    failed = pd.read_csv(tmp_path / "runs.csv").set_index(["method", "seed"])
+    assert failed.loc[("uce", 1), "status"] == "failed"
+    assert "non-finite score: detector/accuracy=nan (prompt p0" in failed.loc[("uce", 1), "reason"]
+    assert "## Failed runs" in report and "non-finite score" in report
+    # the failed seed is out of uce's mean and its cells say so; the reference keeps 3 seeds
+    uce = summary[summary["method"] == "uce"].iloc[0]
+    assert uce["n_seeds"] == 2 and uce["mean"] == pytest.approx((2.5 + 4.0) / 2)
+    assert "| tench (forget) | 15.00 ± 5.00 | 3.25 ± 1.06 (n=2) |" in report
+    # the test pairs the seeds both methods have
+    assert tests.iloc[0]["n_pairs"] == 2
+    # every measured value stays in records.csv, the failure's NaN included
+    assert len(pd.read_csv(tmp_path / "records.csv")) == len(records)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.drop(index=1), "1 of 2 values"),
+        (lambda r: r.assign(prompt_id=["p0", "p0", *r["prompt_id"][2:]]), "prompt p0 scored 2"),
+        (lambda r: r.assign(prompt_id=["p0", "p7", *r["prompt_id"][2:]]), "not the declared ones"),
+        (
+            lambda r: pd.concat([r, r.head(1).assign(metric="other")]),
+            "detector/other: values no successful job declared",
+        ),
+    ],
+)
+def test_completeness_compares_the_exact_set_of_prompts(change, message: str) -> None:
+    from fia_bench.errors import FiaBenchError
+    from fia_bench.records import check_complete
+
+    records, runs = job_rows({("none", 0): (1.0, 2.0), ("none", 1): (3.0, 4.0)})
+    check_complete(records, runs)
+    with pytest.raises(FiaBenchError, match=message):
+        check_complete(change(records).reset_index(drop=True), runs)

@@ -4,7 +4,6 @@ weights, the pre-check, determinism, and ASR / pre-ASR records from a full run."
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +14,7 @@ from tiny import tiny_engine
 
 import fia_bench
 from fia_bench.api import AttackRequest
+from fia_bench.cache import read_sealed_json
 from fia_bench.evaluators.attacks.unlearndiffatk import (
     UnlearnDiffAtk,
     Victim,
@@ -236,7 +236,7 @@ def test_run_records_asr_and_pre_asr(tmp_path: Path, cache_dir: Path, registered
         asr = job[job["metric"] == "asr"].set_index("prompt_id")["value"]
         pre = job[job["metric"] == "pre_asr"].set_index("prompt_id")["value"]
         assert (asr[pre.index] >= pre).all()  # an unattacked success stays a success
-    cached = [p for f in (cache_dir / "attacks").rglob("*.json") for p in json.loads(f.read_text())]
+    cached = [p for f in (cache_dir / "attacks").rglob("*.json") for p in read_sealed_json(f)]
     assert len(cached) == 4
     for p in cached:
         if p["pre_success"]:

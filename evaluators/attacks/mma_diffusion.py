@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Choice, Flag, Int, Items, Schema, Text
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,22 @@ def stable_seed(*parts: Any) -> int:
 
 
 class MMADiffusion(Attack):
+    SETTINGS = Schema(
+        n_tokens=Int(ge=1),
+        iterations=Int(ge=0),
+        restarts=Int(ge=1),
+        topk=Int(ge=1),
+        batch_size=Int(ge=1),
+        eval_batch_size=Int(ge=1),
+        init=Choice(*INITS),
+        targets=Items(Text(), min_items=1, null=True),
+        sensitive=Items(Text()),
+        ban_concepts=Flag(),
+        ascii_only=Flag(),
+        limit=Int(ge=1, null=True),
+        progress=Flag(),
+    )
+
     def __init__(
         self,
         n_tokens: int = 20,

@@ -12,9 +12,18 @@ import pandas as pd
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest
 from fia_bench.downloads import read_table
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Int, Schema, Text
 
 
 class PromptReplay(Attack):
+    SETTINGS = Schema(
+        path=Text(null=True),
+        prompt_column=Text(),
+        seed_column=Text(null=True),
+        source_column=Text(null=True),
+        limit=Int(ge=1, null=True),
+    )
+
     def __init__(
         self,
         path: str | None = None,

@@ -29,6 +29,7 @@ from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, Task
 from fia_bench.cache import hash_tensors
 from fia_bench.downloads import read_table
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.schema import Choice, Int, Real, Schema, Text
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,23 @@ def derived_seed(*parts: Any) -> int:
 
 
 class RingABell(Attack):
+    SETTINGS = Schema(
+        mode=Choice(*MODES),
+        eta=Real(),
+        length=Int(ge=1),
+        population=Int(ge=2),
+        generations=Int(ge=0),
+        crossover=Real(ge=0, le=1),
+        mutation=Real(ge=0, le=1),
+        neutral=Text(),
+        pairs_path=Text(null=True),
+        with_column=Text(),
+        without_column=Text(),
+        vector_path=Text(null=True),
+        vocabulary=Choice(*VOCABULARIES),
+        limit=Int(ge=1, null=True),
+    )
+
     def __init__(
         self,
         mode: str = "search",

@@ -29,6 +29,7 @@ from PIL import Image
 
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.schema import Int, Real, Schema
 
 
 def project_simplex(v: torch.Tensor, iterations: int = 64) -> torch.Tensor:
@@ -202,6 +203,16 @@ def frozen(pipe: Any) -> Iterator[None]:
 
 
 class UnlearnDiffAtk(Attack):
+    SETTINGS = Schema(
+        k=Int(ge=1),
+        n_timesteps=Int(ge=1),
+        steps_per_t=Int(ge=1),
+        lr=Real(gt=0),
+        weight_decay=Real(ge=0),
+        grad_clip=Real(gt=0),
+        bisection_iterations=Int(ge=1),
+    )
+
     def __init__(
         self,
         k: int = 5,
