@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.schema import Choice, Flag, Int, Real, Schema, Text
+from fia_bench.unet_edit import encode_images
 
 VARIANTS = ("code", "paper")
 LATENTS = ("sample", "mean")
@@ -565,19 +566,6 @@ class DynamicMask(Method):
             for i, concept in enumerate(request.targets)
         }
 
-    @staticmethod
-    @torch.no_grad()
-    def encode_images(vae: Any, images: list, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior mean and std (fp32, on the VAE's device) of images scaled to [-1, 1]."""
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
-        means, stds = [], []
-        for chunk in pixels.split(batch):
-            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-        return torch.cat(means), torch.cat(stds)
-
     def concept_data(self, request: EraseRequest) -> list[ConceptData]:
         """Every target's encoded training set, in the task's order."""
         images = self.training_images(request)
@@ -586,8 +574,8 @@ class DynamicMask(Method):
         out = []
         for concept in request.targets:
             superclass = self.superclass(request, concept)
-            target_mean, target_std = self.encode_images(vae, images[concept][0], batch)
-            anchor_mean, anchor_std = self.encode_images(vae, images[concept][1], batch)
+            target_mean, target_std = encode_images(vae, images[concept][0], batch)
+            anchor_mean, anchor_std = encode_images(vae, images[concept][1], batch)
             out.append(
                 ConceptData(
                     concept,

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Table, Text
+from fia_bench.unet_edit import block_linears, task_block
 
 VARIANTS = ("code", "paper")
 CFG_ROWS = ("both", "cond")
@@ -357,13 +358,7 @@ class FIA(Method):
     def task_prompts(self, task_name: str, world: str | None = None) -> TaskPrompts:
         """A world may replace a task's prompt set (``tasks.<world>/<task>``): the mini world's
         placeholders are its own places, which its text encoder was trained on."""
-        if f"{world}/{task_name}" in self.tasks:
-            task_name = f"{world}/{task_name}"
-        if task_name not in self.tasks:
-            raise unknown_choice(
-                "FIA prompt set for task", task_name, self.tasks, "method.settings.tasks"
-            )
-        data = self.tasks[task_name]
+        task_name, data = task_block(self.tasks, task_name, world, "FIA prompt set")
         where = f"method.settings.tasks.{task_name}"
         concept_templates = tuple(data.get("concept_templates") or ())
         base_templates = tuple(data.get("base_templates") or ())
@@ -440,17 +435,7 @@ class FIA(Method):
     @staticmethod
     def layers(unet: Any, layer: str = "ffn2") -> dict[str, torch.nn.Linear]:
         """The masked Linear (``layer``: FFN2 by default) of every transformer block, by name."""
-        suffix = LAYERS[layer]
-        found = {
-            name: module
-            for name, module in unet.named_modules()
-            if name.endswith(f".{suffix}") and isinstance(module, torch.nn.Linear)
-        }
-        if not found:
-            raise FiaBenchError(f"FIA: the UNet has no '…{suffix}' Linear layers to mask")
-        if layer.startswith("ffn") and any(getattr(m, "_chunk_size", None) for m in unet.modules()):
-            raise FiaBenchError("FIA: disable feed-forward chunking; it splits the FFN input")
-        return dict(sorted(found.items()))
+        return block_linears(unet, LAYERS[layer], "FIA")
 
     @torch.no_grad()
     def collect(
@@ -466,51 +451,29 @@ class FIA(Method):
             shape = (module.in_features,) if self.variant == "code" else tuple(module.weight.shape)
             zeros = torch.zeros((steps, *shape), dtype=torch.float64, device=module.weight.device)
             sums[name] = RunningSums(zeros, zeros.clone() if squares else None)
-        state = {"step": -1, "batch": 0}
 
-        def count_step(_module: Any, _args: Any) -> None:
-            state["step"] += 1
+        def reduce(name: str, step: int, batch: int, x: torch.Tensor) -> None:
+            x = x.float().reshape(2, batch, -1, x.shape[-1])  # [uncond, cond] × prompts × tokens
+            if self.cfg_rows == "both":
+                x = x.transpose(0, 1).reshape(batch, -1, x.shape[-1])
+            else:
+                x = x[1]
+            if self.variant == "code":
+                values = wanda_norms(x)
+            else:
+                values = energy_saliency(x, layers[name].weight.float(), self.eps)
+            sums[name].add(step, values)
 
-        def reduce(name: str, module: torch.nn.Linear):
-            def hook(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
-                step, batch = state["step"], state["batch"]
-                if step >= steps:
-                    raise FiaBenchError(f"FIA: hook fired at step {step} past T={steps}")
-                x = args[0].float()
-                x = x.reshape(2, batch, -1, x.shape[-1])  # [uncond, cond] × prompts × tokens
-                if self.cfg_rows == "both":
-                    x = x.transpose(0, 1).reshape(batch, -1, x.shape[-1])
-                else:
-                    x = x[1]
-                if self.variant == "code":
-                    values = wanda_norms(x)
-                else:
-                    values = energy_saliency(x, module.weight.float(), self.eps)
-                sums[name].add(step, values)
-
-            return hook
-
-        handles = [unet.register_forward_pre_hook(count_step)]
-        handles += [m.register_forward_pre_hook(reduce(n, m)) for n, m in layers.items()]
-        size = self.batch_size or engine.sampler.batch_size
-        try:
-            for start in range(0, len(prompts), size):
-                batch = prompts[start : start + size]
-                state.update(step=-1, batch=len(batch))
-                engine.sample_latents(
-                    batch,
-                    [seed] * len(batch),
-                    steps=self.inference_steps,
-                    guidance_scale=self.guidance_scale,
-                    stop_after=steps,
-                )
-                if state["step"] != steps - 1:
-                    raise FiaBenchError(
-                        f"FIA: saw {state['step'] + 1} denoising steps, expected T={steps}"
-                    )
-        finally:
-            for handle in handles:
-                handle.remove()
+        engine.probe(
+            prompts,
+            seed,
+            layers,
+            reduce,
+            steps=self.inference_steps,
+            stop_after=steps,
+            guidance_scale=self.guidance_scale,
+            batch_size=self.batch_size,
+        )
         for s in sums.values():
             s.count = len(prompts)
         return sums

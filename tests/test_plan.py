@@ -85,16 +85,19 @@ def test_dry_run_of_fia_table1_on_sd15_projects_gpu_hours(cache_dir: Path) -> No
     text = dry_run(["experiment=fia/table1", "model=sd15"], multirun=True)
     images = int(re.search(r"totals: \d+ edits to make \(\d+ cached\), (\d+) images", text)[1])
     # the unedited model's 500 Imagenette + 30,000 COCO images once, and (no edit being cached)
-    # each method's per seed: 3 methods x 3 seeds
-    assert images == 30_500 * (1 + 3 * 3)
+    # each method's per seed: 8 methods x 3 seeds
+    assert images == 30_500 * (1 + 8 * 3)
     figures = yaml.safe_load(THROUGHPUT_FILE.read_text())
     costs = figures["erase_seconds"]
-    edits = 3 * (costs["fia"]["per_concept"] * 10 + costs["uce"]["fixed"] + costs["esd"]["fixed"])
+    trained = ("fia", "conceptprune", "mace", "ac", "fmn", "salun")
+    per_concept = sum(costs[m]["per_concept"] for m in trained)
+    per_seed = per_concept * 10
+    edits = 3 * (per_seed + costs["uce"]["fixed"] + costs["esd"]["fixed"])
     hours = (images / 2.90 + edits) / 3600  # fp16 at batch 16: the bf16 batch-8 rate
     printed = float(re.search(r"\*\*([\d.]+) h\*\*", text)[1])
     assert printed == pytest.approx(hours, abs=0.05)
     assert "recipe `fia/table1`" in text and "model `sd15`" in text
-    assert text.count("+experiment/arm=") == 3
+    assert text.count("+experiment/arm=") == 8
 
 
 def test_cli_dry_run_prints_the_plan_and_does_nothing(
@@ -105,7 +108,7 @@ def test_cli_dry_run_prints_the_plan_and_does_nothing(
     monkeypatch.setattr(sys, "argv", ["fia_bench", *mini, *FAST, "--dry-run"])
     main()
     out = capsys.readouterr().out
-    assert "Without -m Hydra runs only this job; add -m to run the recipe's 3 jobs." in out
+    assert "Without -m Hydra runs only this job; add -m to run the recipe's 8 jobs." in out
     assert "no GPU-hour projection" in out
     assert not (tmp_path / "outputs").exists() and not cache_dir.exists()
 
