@@ -23,6 +23,7 @@ import torch
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError
 from fia_bench.models import COMPONENTS
+from fia_bench.schema import Real, Schema, Text
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -64,6 +65,8 @@ def split_components(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
 
 
 class Checkpoint(Method):
+    SETTINGS = Schema(path=Text(null=True), lora_scale=Real())
+
     def __init__(self, path: str | None = None, lora_scale: float = 1.0) -> None:
         if not path:
             raise FiaBenchError(
