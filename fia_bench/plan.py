@@ -36,6 +36,7 @@ from fia_bench.api import Task
 from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
+from fia_bench.guidance import Guidance
 from fia_bench.registry import METHODS
 from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
 from fia_bench.stages import SEED_STRIDE, erase_key
@@ -385,7 +386,10 @@ class Planner:
                     weights = self.erase(job, model, name, settings, n, targets, retain, seed, task)
                     if weights is None:
                         continue
-                    keys = self.generate(job, model, weights, rows, generation_seeds, identity)
+                    guidance = METHODS.get(name, "method=")(**settings).guidance(targets, task)
+                    keys = self.generate(
+                        job, model, weights, guidance, rows, generation_seeds, identity
+                    )
                     self.count_scores(job, cfg, rows, keys)
                     self.count_attacks(job, cfg, rows)
         return job
@@ -435,6 +439,7 @@ class Planner:
         job: JobPlan,
         model: ModelIdentity,
         weights: tuple[str, bool],
+        guidance: Guidance | None,
         rows: pd.DataFrame,
         seeds: list[int],
         identity: dict[str, Any],
@@ -445,12 +450,12 @@ class Planner:
 
         weights_id, known = weights
         prompts = list(rows["prompt"])
+        erased = Erased("plan", "ok", "", artifacts.Delta(), {"weights_id": weights_id}, guidance)
         if known:
-            erased = Erased("plan", "ok", "", artifacts.Delta(), {"weights_id": weights_id})
             keys = model.stages.image_keys(erased, prompts, seeds)
         else:  # stand-in keys: the same images of the same edit still count once
             keys = [
-                stable_hash({"weights": weights_id, "prompt": p, "seed": s, **identity})
+                stable_hash({**erased.sampling_identity(), "prompt": p, "seed": s, **identity})
                 for p, s in zip(prompts, seeds, strict=True)
             ]
         for k in keys:
