@@ -146,7 +146,7 @@ def guidance_overhead(
     runs: dict[str, Any] = {"unguided": None}
     for name in INFERENCE_TIME_METHODS:
         settings = plain(fia_bench.compose([f"method={name}"]).method.settings)
-        runs[name] = METHODS.get(name)(**settings).guidance(task.concepts[:1], task)
+        runs[name] = METHODS.get(name)(**settings).sampling_guidance(task.concepts[:1], task)
     size = engine.batch_size
     for guidance in runs.values():
         engine.generate(prompts[:size], seeds[:size], guidance=guidance)

@@ -69,9 +69,9 @@ class Method:
     JSON-able dict describing what they did (counts, losses), which goes into the run's records.
     ``SETTINGS`` declares those keyword arguments with their types and ranges (``schema.py``): the
     whole configuration is checked against it before any model loads. An inference-time method
-    (SLD, SAFREE) changes sampling instead of, or besides, weights: its ``guidance`` returns what
-    the engine applies at every denoising step of the job's images (``guidance.py``).
-    """
+    (SLD, SAFREE) changes sampling instead of, or besides, weights: its ``sampling_guidance``
+    returns what the engine applies at every denoising step of the job's images
+    (``guidance.py``)."""
 
     SETTINGS: ClassVar[Schema] = Schema()
 
@@ -82,7 +82,7 @@ class Method:
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         raise NotImplementedError
 
-    def guidance(self, targets: tuple[str, ...], task: Task) -> Guidance | None:
+    def sampling_guidance(self, targets: tuple[str, ...], task: Task) -> Guidance | None:
         """The change to sampling every image of the job is made with (its identity enters the
         image keys); none by default. Settings and texts only: it is made without the model."""
         return None

@@ -54,7 +54,10 @@ def export(
         if not (run_dir / name).is_file():
             raise FiaBenchError(f"{run_dir} is not a fia_bench run directory (no {name})")
     job = pick_job(pd.read_csv(run_dir / "runs.csv"), method, n, seed)
-    if method in METHODS.names() and METHODS.get(method).guidance is not Method.guidance:
+    if (
+        method in METHODS.names()
+        and METHODS.get(method).sampling_guidance is not Method.sampling_guidance
+    ):
         raise FiaBenchError(
             f"--method {method} changes sampling, not weights (an inference-time method): a "
             "pipeline folder cannot carry it; its images need fia_bench's engine"

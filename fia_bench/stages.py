@@ -202,7 +202,7 @@ class Stages:
 
         # a delta can be the whole UNet: the other ranks read it from the cache, never the wire
         erased = self.group.leader(compute, load)
-        erased.guidance = method.guidance(job.targets, self.task)
+        erased.guidance = method.sampling_guidance(job.targets, self.task)
         return erased
 
     def unshared_cache(self, what: str) -> FiaBenchError:

@@ -177,7 +177,7 @@ class SAFREE(Method):
         self.concepts = None if concepts is None else tuple(concepts)
         self.tasks = dict(tasks or {})
 
-    def guidance(self, targets: tuple[str, ...], task: Task) -> SafreeGuidance:
+    def sampling_guidance(self, targets: tuple[str, ...], task: Task) -> SafreeGuidance:
         """The toxic keywords: the setting, else the task's list, else the targets' names."""
         _, block = task_block(self.tasks, task.name, task.world, "SAFREE settings")
         listed = block.get("concepts")
@@ -195,4 +195,4 @@ class SAFREE(Method):
 
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         """Nothing to edit: the record says what sampling will do."""
-        return self.guidance(request.targets, request.task).identity()
+        return self.sampling_guidance(request.targets, request.task).identity()

@@ -183,7 +183,7 @@ class SLD(Method):
         _, text = task_block(self.safety_concepts, task.name, task.world, "SLD safety concept")
         return ", ".join(targets) if text is None else str(text)
 
-    def guidance(self, targets: tuple[str, ...], task: Task) -> SafetyGuidance:
+    def sampling_guidance(self, targets: tuple[str, ...], task: Task) -> SafetyGuidance:
         h = self.hyperparameters
         return SafetyGuidance(
             safety_concept=self.concept(targets, task),
@@ -197,4 +197,6 @@ class SLD(Method):
 
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         """Nothing to edit: the record says what sampling will do."""
-        return {"preset": self.preset} | self.guidance(request.targets, request.task).identity()
+        return {"preset": self.preset} | self.sampling_guidance(
+            request.targets, request.task
+        ).identity()

@@ -93,7 +93,7 @@ def test_a_three_branch_guidance_keeps_images_independent_of_their_batch() -> No
     """Up to float rounding, which convolutions do by batch shape and SLD's s_S = 1000 amplifies
     (plain guidance: 3e-5 here, SLD 3e-4 on latents of unit scale)."""
     engine = tiny_engine(steps=4, batch_size=4)
-    guidance = SLD(**SLD_SETTINGS | {"warmup_steps": 0}).guidance(TASK.concepts[:1], TASK)
+    guidance = SLD(**SLD_SETTINGS | {"warmup_steps": 0}).sampling_guidance(TASK.concepts[:1], TASK)
     assert guidance.branches == 3
     together = engine.sample_latents(PROMPTS, SEEDS, guidance=guidance)
     rows = zip(PROMPTS, SEEDS, strict=True)

@@ -78,7 +78,7 @@ def test_self_validating_filter_steps() -> None:
 
 def test_projected_prompt_rows_are_kept_or_leave_the_toxic_subspace() -> None:
     engine = tiny_engine(steps=4)
-    guidance = SAFREE(**SETTINGS | {"self_validation": False}).guidance(("tench",), TASK)
+    guidance = SAFREE(**SETTINGS | {"self_validation": False}).sampling_guidance(("tench",), TASK)
     cond = engine.encode(PROMPTS)
     batch = guidance.start(engine, PROMPTS, engine.encode(["", ""]), cond, steps=4)
     toxic = span_projector(guidance.pooled(engine, engine.tokenize(["tench"]).input_ids))
@@ -94,13 +94,15 @@ def test_projected_prompt_rows_are_kept_or_leave_the_toxic_subspace() -> None:
 def test_nothing_to_project_gives_the_unedited_models_images_and_keeps_weights() -> None:
     engine = tiny_engine(steps=4)
     before = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items()}
-    off = SAFREE(**SETTINGS | {"alpha": 1e9, "negative_prompt": False}).guidance(("tench",), TASK)
+    off = SAFREE(**SETTINGS | {"alpha": 1e9, "negative_prompt": False}).sampling_guidance(
+        ("tench",), TASK
+    )
     base = engine.generate(PROMPTS, SEEDS)
     same = engine.generate(PROMPTS, SEEDS, guidance=off)
     assert all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, same, strict=True)
     )
-    on = SAFREE(**SETTINGS).guidance(("tench",), TASK)
+    on = SAFREE(**SETTINGS).sampling_guidance(("tench",), TASK)
     changed = engine.generate(PROMPTS, SEEDS, guidance=on)
     assert not np.array_equal(np.asarray(changed[0]), np.asarray(base[0]))
     after = engine.pipe.unet.state_dict()

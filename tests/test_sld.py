@@ -33,7 +33,7 @@ def test_safety_term_masks_by_threshold_clamps_and_adds_momentum() -> None:
 
 
 def test_warmup_builds_momentum_but_leaves_guidance_plain() -> None:
-    guidance = SLD(**SETTINGS | {"warmup_steps": 2}).guidance(("tench",), TASK)
+    guidance = SLD(**SETTINGS | {"warmup_steps": 2}).sampling_guidance(("tench",), TASK)
     batch = SafeBatch(guidance, torch.zeros(3, 1, 1), warmup=2)
     uncond, cond = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])
     safety = torch.tensor([1.5, 3.0])
@@ -58,7 +58,9 @@ def test_presets_are_the_pipelines_safety_configs() -> None:
         assert {
             f"sld_{k}".replace("sld_momentum_beta", "sld_mom_beta"): v for k, v in ours.items()
         } == theirs
-    chosen = SLD(**SETTINGS | {"preset": "strong", "threshold": 0.5}).guidance(("tench",), TASK)
+    chosen = SLD(**SETTINGS | {"preset": "strong", "threshold": 0.5}).sampling_guidance(
+        ("tench",), TASK
+    )
     assert (chosen.threshold, chosen.guidance_scale, chosen.warmup_steps) == (0.5, 2000.0, 7)
 
 
@@ -66,15 +68,17 @@ def test_safety_concept_per_task_else_the_targets() -> None:
     explicit = load_task("explicit", "sd")
     assert (
         SLD(**SETTINGS)
-        .guidance(("nudity",), explicit)
+        .sampling_guidance(("nudity",), explicit)
         .safety_concept.startswith("an image showing hate")
     )
     mini = load_task("explicit", "mini")
-    assert SLD(**SETTINGS).guidance(("skull", "flame"), mini).safety_concept == "skull, flame"
-    chosen = SLD(**SETTINGS | {"safety_concept": "a church"}).guidance(("tench",), TASK)
+    assert (
+        SLD(**SETTINGS).sampling_guidance(("skull", "flame"), mini).safety_concept == "skull, flame"
+    )
+    chosen = SLD(**SETTINGS | {"safety_concept": "a church"}).sampling_guidance(("tench",), TASK)
     assert chosen.safety_concept == "a church"
     with pytest.raises(FiaBenchError, match="SLD safety concept"):
-        SLD(**SETTINGS | {"safety_concepts": {}}).guidance(("tench",), TASK)
+        SLD(**SETTINGS | {"safety_concepts": {}}).sampling_guidance(("tench",), TASK)
 
 
 @pytest.mark.parametrize("preset", ["medium", "max"])
@@ -89,7 +93,7 @@ def test_engine_equals_the_diffusers_safe_pipeline(preset: str) -> None:
     prompts, seeds = ["a photo of a tench", "a photo of a church"], [5, 9]
     # absolute warm-up as the pipeline counts it; 1 of 4 steps so both phases run
     settings = SETTINGS | {"preset": preset, "warmup_reference_steps": None, "warmup_steps": 1}
-    guidance = SLD(**settings).guidance(("tench",), TASK)
+    guidance = SLD(**settings).sampling_guidance(("tench",), TASK)
     ours = engine.sample_latents(prompts, seeds, guidance=guidance)
 
     safe = StableDiffusionPipelineSafe(
