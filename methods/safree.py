@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from fia_bench.api import EraseRequest, Method, Task
-from fia_bench.guidance import GuidedBatch, scaled_steps
+from fia_bench.guidance import ClassifierFree, GuidedBatch, scaled_steps
 from fia_bench.schema import Dict, Flag, Int, Items, Real, Schema, Table, Text
 from fia_bench.unet_edit import task_block
 
@@ -76,9 +76,7 @@ class SafreeBatch:
         projected = (step <= self.last).view(-1, 1, 1)
         return torch.cat([self.uncond, torch.where(projected, self.safe, self.cond)])
 
-    def noise(self, step: int, predictions: tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
-        noise_uncond, noise_cond = predictions
-        return noise_uncond + scale * (noise_cond - noise_uncond)
+    noise = ClassifierFree.noise  # only the conditional states change, not the guidance
 
 
 @dataclass(frozen=True)
