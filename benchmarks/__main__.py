@@ -194,6 +194,17 @@ def generation_table(gen: dict[str, Any]) -> str:
     )
 
 
+def guidance_table(guided: dict[str, dict[str, float]]) -> str:
+    """The inference-time methods' cost: generation time against the unguided engine's."""
+    rows = [[name, f"{r['seconds']:.3g}", f"{r['ratio']:.2f}"] for name, r in guided.items()]
+    images = guided["unguided"]["images"]
+    return (
+        markdown_table([f"guidance ({images} images)", "seconds", "× unguided"], rows)
+        + "\n\nSLD and SAFREE edit no weights; their cost is this overhead on every image they "
+        "make (shipped settings, the first object as concept; the runs alternate)."
+    )
+
+
 # ---- tiny ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def private_cache() -> Iterator[Path]:
@@ -251,7 +262,7 @@ def small_world(args: argparse.Namespace, world: str) -> tuple[dict[str, Any], s
     pipe.to(args.device)
     batch = batch_option(args.batch_size, "16")
     images = args.images or 32
-    gen, _ = generation.compare(
+    gen, engine = generation.compare(
         pipe,
         world,
         naive_images=images,
@@ -263,6 +274,7 @@ def small_world(args: argparse.Namespace, world: str) -> tuple[dict[str, Any], s
         options=EngineOptions(batch_size=batch),
         sampler_batch=batch or 16,
     )
+    guided = generation.guidance_overhead(engine, world, images)
     device = [f"device={args.device}"]
     if world == "tiny":
         jobs = {"harness": harness([*HARNESS_JOB, *device, *args.job])}
@@ -286,10 +298,12 @@ def small_world(args: argparse.Namespace, world: str) -> tuple[dict[str, Any], s
             "",
             generation_table(gen),
             "",
+            guidance_table(guided),
+            "",
             *(f"{line}\n" for line in lines),
         ]
     )
-    return {"scale": world, "machine": m, "generation": gen, **jobs}, text
+    return {"scale": world, "machine": m, "generation": gen, "guidance": guided, **jobs}, text
 
 
 # ---- sd ------------------------------------------------------------------------------------------

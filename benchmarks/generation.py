@@ -17,9 +17,14 @@ from typing import Any
 
 import torch
 
+import fia_bench
 from benchmarks.erasure import synchronized_time
 from fia_bench.engine import Engine, EngineOptions, Sampler
+from fia_bench.registry import METHODS
 from fia_bench.tasks import load_task
+from fia_bench.validate import plain
+
+INFERENCE_TIME_METHODS = ("sld", "safree")  # methods whose cost is the guidance's, per image
 
 GUIDANCE = 7.5
 
@@ -126,6 +131,34 @@ def engine_images_per_s(engine: Engine, world: str, images: int) -> dict[str, fl
         "engine_images_per_s": images / (synchronized_time(engine.device) - warm),
         "engine_warmup_s": warm - start,
         "batch_size": min(engine.batch_size, images),  # the batch the rate was measured at
+    }
+
+
+def guidance_overhead(
+    engine: Engine, world: str, images: int, rounds: int = 2
+) -> dict[str, dict[str, float]]:
+    """Seconds to make ``images`` with each inference-time method's guidance at its shipped
+    settings (the first object erased) and without, and each one's ratio to the unguided time.
+    After one warm-up batch of each, the runs alternate for ``rounds`` rounds, so a drifting
+    machine load weighs on all of them alike."""
+    prompts, seeds = prompts_and_seeds(world, images)
+    task = load_task("objects", world)
+    runs: dict[str, Any] = {"unguided": None}
+    for name in INFERENCE_TIME_METHODS:
+        settings = plain(fia_bench.compose([f"method={name}"]).method.settings)
+        runs[name] = METHODS.get(name)(**settings).sampling_guidance(task.concepts[:1], task)
+    size = engine.batch_size
+    for guidance in runs.values():
+        engine.generate(prompts[:size], seeds[:size], guidance=guidance)
+    seconds = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, guidance in runs.items():
+            start = synchronized_time(engine.device)
+            engine.generate(prompts, seeds, guidance=guidance)
+            seconds[name] += synchronized_time(engine.device) - start
+    return {
+        name: {"images": images, "seconds": s / rounds, "ratio": s / seconds["unguided"]}
+        for name, s in seconds.items()
     }
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from fia_bench.cache import Cache
     from fia_bench.engine import Engine
+    from fia_bench.guidance import Guidance
 
 PROMPT_COLUMNS = ("case_id", "prompt", "evaluation_seed", "concept", "role")
 
@@ -67,8 +68,10 @@ class Method:
     Subclasses take their config values as keyword arguments and return from ``erase`` a small
     JSON-able dict describing what they did (counts, losses), which goes into the run's records.
     ``SETTINGS`` declares those keyword arguments with their types and ranges (``schema.py``): the
-    whole configuration is checked against it before any model loads.
-    """
+    whole configuration is checked against it before any model loads. An inference-time method
+    (SLD, SAFREE) changes sampling instead of, or besides, weights: its ``sampling_guidance``
+    returns what the engine applies at every denoising step of the job's images
+    (``guidance.py``)."""
 
     SETTINGS: ClassVar[Schema] = Schema()
 
@@ -78,6 +81,11 @@ class Method:
 
     def erase(self, request: EraseRequest) -> dict[str, Any]:
         raise NotImplementedError
+
+    def sampling_guidance(self, targets: tuple[str, ...], task: Task) -> Guidance | None:
+        """The change to sampling every image of the job is made with (its identity enters the
+        image keys); none by default. Settings and texts only: it is made without the model."""
+        return None
 
     @classmethod
     def input_fingerprint(cls, settings: dict[str, Any]) -> dict[str, Any]:

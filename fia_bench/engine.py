@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.guidance import ClassifierFree, Guidance
 
 SCHEDULERS = ("ddim", "pndm", "lms", "dpmsolver")
 AUTO = "auto"
@@ -247,23 +248,28 @@ class Engine:
         guidance_scale: float | None = None,
         stop_after: int | None = None,
         negative_prompts: list[str] | None = None,
+        guidance: Guidance | None = None,
     ) -> torch.Tensor:
         """Denoise from each row's seed; ``stop_after=k`` returns the latents after k of the
         ``steps`` steps (methods that probe or train on intermediate steps use it). Negative
-        prompts replace the empty prompt in the unconditional branch."""
+        prompts replace the empty prompt in the unconditional branch. ``guidance`` (an
+        inference-time method's) replaces classifier-free guidance at every step."""
         scheduler = self.scheduler(steps)
         scale = self.sampler.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.encode(prompts)
         uncond = self.encode(negative_prompts or [""] * len(prompts))
-        context = torch.cat([uncond, cond])
+        batch = (
+            ClassifierFree(uncond, cond)
+            if guidance is None
+            else guidance.start(self, prompts, uncond, cond, steps or self.sampler.steps)
+        )
         latents = self.initial_noise(seeds) * scheduler.init_noise_sigma
         extra = {"eta": self.sampler.eta} if self.sampler.scheduler == "ddim" else {}
         unet = self.unet()
-        for t in scheduler.timesteps[:stop_after]:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = unet(model_in, t, encoder_hidden_states=context).sample
-            noise_uncond, noise_cond = noise.chunk(2)
-            guided = noise_uncond + scale * (noise_cond - noise_uncond)
+        for step, t in enumerate(scheduler.timesteps[:stop_after]):
+            model_in = scheduler.scale_model_input(torch.cat([latents] * batch.branches), t)
+            noise = unet(model_in, t, encoder_hidden_states=batch.context(step)).sample
+            guided = batch.noise(step, noise.chunk(batch.branches), scale)
             latents = scheduler.step(guided, t, latents, **extra).prev_sample
         return latents
 
@@ -331,18 +337,26 @@ class Engine:
         return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
     def generate(
-        self, prompts: list[str], seeds: list[int], negative_prompts: list[str] | None = None
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negative_prompts: list[str] | None = None,
+        guidance: Guidance | None = None,
     ) -> list[Image.Image]:
-        """Images of the rows in micro-batches of ``batch_size``. A micro-batch that runs out of
-        memory is retried at half the size, which is kept for every later batch; an image's noise
-        does not depend on its batch, so the fall-back changes float rounding at most."""
+        """Images of the rows in micro-batches of ``batch_size`` (counted in classifier-free
+        pairs: a guidance that runs more UNet branches per image gets fewer images per batch). A
+        micro-batch that runs out of memory is retried at half the size, which is kept for every
+        later batch; an image's noise does not depend on its batch, so the fall-back changes
+        float rounding at most."""
         images: list[Image.Image] = []
+        branches = ClassifierFree.branches if guidance is None else guidance.branches
+        pairs_per_image = branches / ClassifierFree.branches
         while len(images) < len(prompts):
-            rows = slice(len(images), len(images) + self.batch_size)
+            rows = slice(len(images), len(images) + max(1, int(self.batch_size / pairs_per_image)))
             negatives = negative_prompts[rows] if negative_prompts else None
-            made = self.attempt(prompts[rows], seeds[rows], negatives)
+            made = self.attempt(prompts[rows], seeds[rows], negatives, guidance)
             if made is None:
-                self._batch_size = max(1, len(prompts[rows]) // 2)
+                self._batch_size = max(1, int(len(prompts[rows]) * pairs_per_image) // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 warnings.warn(
@@ -355,14 +369,20 @@ class Engine:
         return images
 
     def attempt(
-        self, prompts: list[str], seeds: list[int], negative_prompts: list[str] | None
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negative_prompts: list[str] | None,
+        guidance: Guidance | None = None,
     ) -> list[Image.Image] | None:
         """One micro-batch, or None when it ran out of memory with more than one row. Returning
         (instead of handling the error in the caller's except block) lets the failed batch's
         tensors, held by the traceback, be freed before the retry."""
         try:
             return self.decode(
-                self.sample_latents(prompts, seeds, negative_prompts=negative_prompts)
+                self.sample_latents(
+                    prompts, seeds, negative_prompts=negative_prompts, guidance=guidance
+                )
             )
         except torch.OutOfMemoryError:
             if len(prompts) == 1:

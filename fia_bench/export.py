@@ -16,9 +16,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from fia_bench import artifacts
+from fia_bench.api import Method
 from fia_bench.cache import Cache, read_json
 from fia_bench.errors import FiaBenchError
 from fia_bench.models import load_model
+from fia_bench.registry import METHODS
 from fia_bench.tasks import world_vocabulary
 
 
@@ -52,6 +54,14 @@ def export(
         if not (run_dir / name).is_file():
             raise FiaBenchError(f"{run_dir} is not a fia_bench run directory (no {name})")
     job = pick_job(pd.read_csv(run_dir / "runs.csv"), method, n, seed)
+    if (
+        method in METHODS.names()
+        and METHODS.get(method).sampling_guidance is not Method.sampling_guidance
+    ):
+        raise FiaBenchError(
+            f"--method {method} changes sampling, not weights (an inference-time method): a "
+            "pipeline folder cannot carry it; its images need fia_bench's engine"
+        )
     manifest = read_json(run_dir / "manifest.json")
     cfg = OmegaConf.create(manifest["config"])
     delta_path = Cache(cfg.cache_dir).path("erase", str(job["erase_key"]), ".safetensors")

@@ -36,6 +36,7 @@ from fia_bench.api import Task
 from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
+from fia_bench.guidance import ClassifierFree, Guidance
 from fia_bench.registry import METHODS
 from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
 from fia_bench.stages import SEED_STRIDE, erase_key
@@ -90,6 +91,12 @@ class Throughput:
             f"from {measured:g} img/s measured at batch {batch}, {rate.steps} steps ({rate.source})"
         )
         return measured * scale, basis
+
+    def branch_share(self, steps: int) -> float:
+        """What one more UNet branch per image (a guidance's third branch) costs at ``steps``
+        steps, as a share of one image (its CFG pair at every step and its decode)."""
+        unet = steps * self.tflop_per_step
+        return unet / 2 / (unet + self.tflop_decode)
 
     def erase_seconds(self, method: str, n_concepts: int) -> float:
         if method not in self.erase:
@@ -283,6 +290,7 @@ class JobPlan:
     images_todo: int = 0
     images_cached: int = 0
     images_shared: int = 0  # made earlier in the same plan (the reference's, shared by methods)
+    extra_branches: int = 0  # UNet branches beyond the CFG pair, summed over images to make
     scored: dict[str, int] = field(default_factory=dict)
     attack_prompts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -385,7 +393,12 @@ class Planner:
                     weights = self.erase(job, model, name, settings, n, targets, retain, seed, task)
                     if weights is None:
                         continue
-                    keys = self.generate(job, model, weights, rows, generation_seeds, identity)
+                    guidance = METHODS.get(name, "method=")(**settings).sampling_guidance(
+                        targets, task
+                    )
+                    keys = self.generate(
+                        job, model, weights, guidance, rows, generation_seeds, identity
+                    )
                     self.count_scores(job, cfg, rows, keys)
                     self.count_attacks(job, cfg, rows)
         return job
@@ -435,6 +448,7 @@ class Planner:
         job: JobPlan,
         model: ModelIdentity,
         weights: tuple[str, bool],
+        guidance: Guidance | None,
         rows: pd.DataFrame,
         seeds: list[int],
         identity: dict[str, Any],
@@ -445,14 +459,15 @@ class Planner:
 
         weights_id, known = weights
         prompts = list(rows["prompt"])
+        erased = Erased("plan", "ok", "", artifacts.Delta(), {"weights_id": weights_id}, guidance)
         if known:
-            erased = Erased("plan", "ok", "", artifacts.Delta(), {"weights_id": weights_id})
             keys = model.stages.image_keys(erased, prompts, seeds)
         else:  # stand-in keys: the same images of the same edit still count once
             keys = [
-                stable_hash({"weights": weights_id, "prompt": p, "seed": s, **identity})
+                stable_hash({**erased.sampling_identity(), "prompt": p, "seed": s, **identity})
                 for p, s in zip(prompts, seeds, strict=True)
             ]
+        extra = 0 if guidance is None else guidance.branches - ClassifierFree.branches
         for k in keys:
             if k in self.images:
                 job.images_shared += 1
@@ -460,6 +475,7 @@ class Planner:
                 job.images_cached += 1
             else:
                 job.images_todo += 1
+                job.extra_branches += extra
             self.images.add(k)
         return keys
 
@@ -504,8 +520,9 @@ def job_cost(job: JobPlan, figures: Throughput) -> Cost | None:
     if job.architecture != figures.architecture or job.resolution != figures.resolution:
         return None
     rate, basis = figures.generation_rate(job.precision, job.batch_size, job.sampler.steps)
+    extra = job.extra_branches * figures.branch_share(job.sampler.steps)
     return Cost(
-        generation_s=job.images_todo / rate,
+        generation_s=(job.images_todo + extra) / rate,
         erase_s=sum(figures.erase_seconds(m, n) for m, n in job.erase_todo),
         attack_s=sum(figures.attack_seconds(a, p) for a, p in job.attack_prompts.items()),
         basis=f"{rate:.2f} img/s at {job.sampler.steps} steps, {job.precision}, batch "

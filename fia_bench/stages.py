@@ -43,6 +43,7 @@ from fia_bench.cache import (
 )
 from fia_bench.engine import Engine
 from fia_bench.errors import FiaBenchError
+from fia_bench.guidance import Guidance
 from fia_bench.models import LoadedModel
 from fia_bench.registry import METHODS
 
@@ -96,10 +97,19 @@ class Erased:
     reason: str
     delta: artifacts.Delta
     meta: dict[str, Any]
+    guidance: Guidance | None = None  # an inference-time method's change to sampling
 
     @property
     def weights_id(self) -> str:
         return self.meta["weights_id"]
+
+    def sampling_identity(self) -> dict[str, Any]:
+        """What the erased model's images and attack prompts are keyed by: its weights and, only
+        when set, its guidance (so images of unguided models keep their keys)."""
+        identity: dict[str, Any] = {"weights": self.weights_id}
+        if self.guidance is not None:
+            identity["guidance"] = self.guidance.identity()
+        return identity
 
 
 @dataclass
@@ -162,8 +172,12 @@ class Stages:
     # ---- erase -----------------------------------------------------------------------------
     @timed("erase")
     def erase(self, job: Job) -> Erased:
+        """The job's erasure, cached or made now, with the method's guidance (never cached: it
+        is settings and texts, made fresh for every job)."""
         method = self.instances.get(job.method)
-        plugin = type(method) if method is not None else METHODS.get(job.method, "method.name")
+        if method is None:
+            method = METHODS.get(job.method, "method.name")(**job.settings)
+        plugin = type(method)
         key = erase_key(
             self.model.fingerprint,
             self.precision,
@@ -178,7 +192,7 @@ class Stages:
 
         def compute() -> Erased:
             with self.cache.lock("erase", key):
-                return self.erased_from_cache(key) or self.erase_now(job, key)
+                return self.erased_from_cache(key) or self.erase_now(job, key, method)
 
         def load() -> Erased:
             erased = self.erased_from_cache(key)
@@ -187,7 +201,9 @@ class Stages:
             return erased
 
         # a delta can be the whole UNet: the other ranks read it from the cache, never the wire
-        return self.group.leader(compute, load)
+        erased = self.group.leader(compute, load)
+        erased.guidance = method.sampling_guidance(job.targets, self.task)
+        return erased
 
     def unshared_cache(self, what: str) -> FiaBenchError:
         return FiaBenchError(
@@ -228,14 +244,11 @@ class Stages:
             raise Damaged("delta does not hash to the weights its metadata records")
         return delta
 
-    def erase_now(self, job: Job, key: str) -> Erased:
+    def erase_now(self, job: Job, key: str, method: Method) -> Erased:
         """Run the method on the base weights and store its delta, then its metadata (the
         metadata marks the entry complete)."""
         meta_path = self.cache.path("erase", key, ".json")
         delta_path = self.cache.path("erase", key, ".safetensors")
-        method = self.instances.get(job.method) or METHODS.get(job.method, "method.name")(
-            **job.settings
-        )
         torch.manual_seed(job.seed)
         request = EraseRequest(
             job.targets, job.retain, job.seed, self.task, self.engine, self.base_images
@@ -290,7 +303,7 @@ class Stages:
         negative_prompts: list[str] | None = None,
     ) -> list[str]:
         identity = {
-            "weights": erased.weights_id,
+            **erased.sampling_identity(),
             "sampler": self.engine.sampler.cache_identity(),
             "resolution": self.engine.resolution,
             "precision": self.precision,
@@ -355,6 +368,7 @@ class Stages:
                         [prompts[i] for i in batch],
                         [seeds[i] for i in batch],
                         [negative_prompts[i] for i in batch] if negative_prompts else None,
+                        erased.guidance,
                     )
                     for i, image in zip(batch, images, strict=True):
                         path = self.image_path(keys[i])
@@ -483,7 +497,7 @@ class Stages:
                 "stage": "attack",
                 "attack": name,
                 "settings": settings,
-                "weights": erased.weights_id,
+                **erased.sampling_identity(),
                 "seed": job.seed,
                 "task": self.task.name,
                 "prompts": targets[

@@ -147,8 +147,12 @@ def test_tiny_bench_writes_json_and_markdown(tmp_path: Path, cache_dir: Path) ->
         gen["engine_images_per_s"] * gen["flops_per_image"] / gen["gemm_peak_flops"]
     )
     assert result["harness"]["cold_s"] > 0 and result["machine"]["device"] == "cpu"
+    guided = result["guidance"]
+    assert set(guided) == {"unguided", "sld", "safree"} and guided["unguided"]["ratio"] == 1
+    assert all(r["seconds"] > 0 and r["images"] == 4 for r in guided.values())
     text = (tmp_path / "bench_cpu.md").read_text()
     assert "naive diffusers loop" in text and "python -m benchmarks --images 4" in text
+    assert "× unguided" in text
     assert "one batched call" in text and "of that peak" in text
     with pytest.raises(SystemExit, match="--batch-size must be 'auto' or a positive integer"):
         main(["--batch-size", "0", "--out", str(tmp_path)])

@@ -62,3 +62,14 @@ def test_export_names_the_choices_on_bad_input(tmp_path: Path, cache_dir: Path, 
     err = capsys.readouterr().err.strip()
     assert "2 jobs match; choose one of: --n 1 --seed 0 (ok), --n 1 --seed 1 (ok)" in err
     assert "\n" not in err
+
+
+def test_an_inference_time_method_has_nothing_to_export(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = {"method": ["sld"], "n_concepts": [1], "seed": [0], "status": ["ok"]}
+    pd.DataFrame(rows).to_csv(run / "runs.csv", index=False)
+    (run / "manifest.json").write_text("{}")
+    assert main([str(run), "--method", "sld", "--out", str(tmp_path / "x")]) == 2
+    assert "changes sampling, not weights" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -43,6 +43,21 @@ def test_plan_predicts_the_run_and_then_sees_its_cache(
     assert grown.images_cached == after.images_cached
 
 
+def test_plan_keys_a_guided_jobs_images_as_the_run_does(tmp_path: Path, cache_dir: Path) -> None:
+    """SLD edits no weight: its images are its own (the guidance is in their keys), each with a
+    third UNet branch to pay for, and a second plan finds them all in the cache."""
+    overrides = ["model=tiny_random", "method=sld", "seeds=1", "n_concepts=[1]", *FAST]
+    before = Planner().plan(fia_bench.compose(overrides), "0")
+    result = fia_bench.run(overrides, out_dir=str(tmp_path / "run"))
+    assert before.images_todo == result.counts["images_generated"] > 0
+    assert before.extra_branches == before.images_todo // 2  # SLD's half of them
+    after = Planner().plan(fia_bench.compose(overrides), "0")
+    assert (after.images_todo, after.images_shared, after.extra_branches) == (0, 0, 0)
+    assert after.images_cached == result.counts["images_generated"]
+    figures = load_throughput()
+    assert 0 < figures.branch_share(50) < 0.5
+
+
 def test_sweep_expands_like_hydra_and_the_command_line_wins() -> None:
     alphas = sweep_jobs(["experiment=fia/ablation_alpha"])
     assert [j[-1] for j in alphas] == [f"method.settings.alpha={a}" for a in (0.1, 0.4, 0.6, 0.8)]
