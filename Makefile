@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m fia_bench $(or $(ARGS),$(RUN_ARGS))
 
-# Tests never touch the network: hub downloads and wandb uploads are off.
+# Tests never touch the network: hub downloads and wandb uploads are off. One worker per core
+# (pytest-xdist), a test file per worker at a time so module fixtures are built once.
+TEST_WORKERS ?= auto
 test: export HF_HUB_OFFLINE := 1
 test: export WANDB_MODE := offline
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Train the mini world from scratch (resumable: run again after an interruption, or in chunks
 # with ARGS="--max-minutes 5"), then re-measure its model card.
