@@ -23,11 +23,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from fia_bench.errors import FiaBenchError, crash_line, unknown_choice
+from fia_bench.resources import config_dir
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
     from fia_bench.runner import run
 
@@ -140,7 +139,7 @@ def check_overrides(argv: list[str]) -> None:
     """Hydra reports an unknown config option or key as a multi-line trace; catch both first and
     name the valid choices and the nearest one, as for every other bad input. Overrides and local
     configs that would run code are refused first."""
-    conf = Path(CONFIG_DIR)
+    conf = config_dir()
     refuse_code(argv)
     check_local_configs(conf)
     # only key=value words: flags take values of their own (--cfg job)
