@@ -50,10 +50,11 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_dir
 
     from fia_bench.cli import refuse_code
+    from fia_bench.plugins import with_searchpath
 
     refuse_code(list(overrides or []))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=with_searchpath(overrides or []))
 
 
 def run(

@@ -36,6 +36,7 @@ from fia_bench.api import Task
 from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
+from fia_bench.plugins import with_searchpath
 from fia_bench.registry import METHODS
 from fia_bench.resources import config_dir, shipped
 from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
@@ -160,7 +161,9 @@ def compose_with_hydra(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return compose(
+            config_name="config", overrides=with_searchpath(overrides), return_hydra_config=True
+        )
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
