@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 RUN_ARGS := method=uce seeds=3
 comma := ,
 
-.PHONY: install run test bench lint clean mini-world mini-world-card results-mini \
+.PHONY: install run test wheel-smoke bench lint clean mini-world mini-world-card results-mini \
 	results-mini-explicit comparisons-mini
 
 install: $(STAMP)
@@ -26,6 +26,23 @@ test: export HF_HUB_OFFLINE := 1
 test: export WANDB_MODE := offline
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# What `pip install fia_bench` gives a user: the wheel built from this checkout, installed with its
+# dependencies (pinned by constraints.txt) into a fresh venv, runs one smoke job from a folder
+# outside the checkout, so it can only use what the wheel carries (conf/, data, mini-world weights).
+WHEEL_SMOKE := .wheel-smoke
+wheel-smoke: export HF_HUB_OFFLINE := 1
+wheel-smoke: export WANDB_MODE := offline
+wheel-smoke: $(STAMP)
+	rm -rf $(WHEEL_SMOKE) && mkdir -p $(WHEEL_SMOKE)/run
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(WHEEL_SMOKE)/dist .
+	$(PYTHON) -m venv $(WHEEL_SMOKE)/venv
+	$(WHEEL_SMOKE)/venv/bin/python -m pip install --quiet -c constraints.txt $(WHEEL_SMOKE)/dist/*.whl
+	elsewhere=$$(mktemp -d) && cd $$elsewhere && FIA_BENCH_CACHE=$$elsewhere/cache \
+		$(CURDIR)/$(WHEEL_SMOKE)/venv/bin/fia-bench method=none model=tiny_random preset=smoke \
+		seeds=1 out_dir=$(CURDIR)/$(WHEEL_SMOKE)/run && rm -rf $$elsewhere
+	test -s $(WHEEL_SMOKE)/run/records.csv
+	rm -rf $(WHEEL_SMOKE)
 
 # Train the mini world from scratch (resumable: run again after an interruption, or in chunks
 # with ARGS="--max-minutes 5"), then re-measure its model card.
@@ -73,4 +90,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun build $(WHEEL_SMOKE)
