@@ -84,13 +84,16 @@ def test_an_installed_wheel_finds_its_files_outside_any_checkout(
     wheel: Path, tmp_path: Path
 ) -> None:
     site = tmp_path / "site"
-    subprocess.run([*PIP, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)])
+    install = [*PIP, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True)
     code = """if True:
         import json, fia_bench, fia_bench.methods, fia_bench.datasets, fia_bench.evaluators
+        from fia_bench.report import git_state
         from fia_bench.resources import checkout_root, config_dir, shipped
         mini = fia_bench.compose(["model=mini", "experiment=mini/fia/table1"])
         print(json.dumps({
             "checkout": checkout_root() and str(checkout_root()),
+            "git": git_state(),
             "modules": [m.__file__ for m in (fia_bench, fia_bench.methods, fia_bench.datasets,
                                              fia_bench.evaluators)],
             "conf": str(config_dir()),
@@ -107,6 +110,7 @@ def test_an_installed_wheel_finds_its_files_outside_any_checkout(
     found = json.loads(out.stdout)
     package = site / "fia_bench"
     assert found["checkout"] is None
+    assert found["git"] == {"commit": None, "dirty": None}  # not the repository around the venv
     assert all(Path(m).is_relative_to(package) for m in found["modules"]), found["modules"]
     assert Path(found["conf"]) == package / "conf"
     for path in found["files"]:
