@@ -184,14 +184,18 @@ def conf_folder(root: Path, files: dict[str, str]) -> Path:
 def test_a_searchpath_folder_adds_options_to_the_check_and_the_config(tmp_path: Path) -> None:
     import fia_bench
 
-    folder = conf_folder(tmp_path / "mine", {"method/uce_soft.yaml": CONF_UCE_SOFT})
+    machine = "# @package _global_\ndevice: cpu\ncache_dir: /scratch/me\n"
+    folder = conf_folder(
+        tmp_path / "mine", {"method/uce_soft.yaml": CONF_UCE_SOFT, "local/mine.yaml": machine}
+    )
     with pytest.raises(FiaBenchError, match="unknown method 'uce_soft'"):
         check_overrides(["method=uce_soft"])
     for entry in (f"file://{folder}", str(folder)):
-        overrides = ["method=uce_soft", f"hydra.searchpath=[{entry}]"]
+        overrides = ["method=uce_soft", "local=mine", f"hydra.searchpath=[{entry}]"]
         check_overrides(overrides)
         cfg = fia_bench.compose(overrides)
         assert (cfg.method.name, cfg.method.settings.lamb) == ("uce", 0.1)
+        assert cfg.cache_dir == "/scratch/me"  # a wheel install's machine settings
 
 
 def test_a_pkg_searchpath_names_a_package_folder(
