@@ -139,10 +139,9 @@ def config_sources(overrides: list[str] | None = None) -> list[ConfigSource]:
     """Our ``conf/``, then the user's ``hydra.searchpath`` folders, then the packages': Hydra's
     order, in which the first folder holding a group's option wins. Every folder but ours is
     checked for keys that name code."""
-    given = [
-        ConfigSource(searchpath_folder(e), SEARCHPATH, e)
-        for e in given_searchpath(list(overrides or []))
-    ]
+    # Hydra is handed the folders the check saw (it skips a pkg:// one without __init__.py)
+    folders = [searchpath_folder(e).resolve() for e in given_searchpath(list(overrides or []))]
+    given = [ConfigSource(f, SEARCHPATH, f"file://{f}") for f in folders]
     sources = [ConfigSource(config_dir(), "fia_bench"), *given, *package_config_sources()]
     for source in sources[1:]:
         why = f"configs from {source.origin} set values"

@@ -203,7 +203,7 @@ def test_a_pkg_searchpath_names_a_package_folder(
 ) -> None:
     import fia_bench
 
-    conf_folder(tmp_path / "my_confs", {"__init__.py": "", "method/uce_soft.yaml": CONF_UCE_SOFT})
+    conf_folder(tmp_path / "my_confs", {"method/uce_soft.yaml": CONF_UCE_SOFT})
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = ["method=uce_soft", "hydra.searchpath=[pkg://my_confs]"]
     check_overrides(overrides)
