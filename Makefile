@@ -27,22 +27,10 @@ test: export WANDB_MODE := offline
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# What `pip install fia_bench` gives a user: the wheel built from this checkout, installed with its
-# dependencies (pinned by constraints.txt) into a fresh venv, runs one smoke job from a folder
-# outside the checkout, so it can only use what the wheel carries (conf/, data, mini-world weights).
-WHEEL_SMOKE := .wheel-smoke
-wheel-smoke: export HF_HUB_OFFLINE := 1
-wheel-smoke: export WANDB_MODE := offline
+# The wheel as users install it: built, installed through constraints.txt into a fresh venv and run
+# once from outside the checkout (.ci/wheel_smoke; CI runs it after make test)
 wheel-smoke: $(STAMP)
-	rm -rf $(WHEEL_SMOKE) && mkdir -p $(WHEEL_SMOKE)/run
-	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir $(WHEEL_SMOKE)/dist .
-	$(PYTHON) -m venv $(WHEEL_SMOKE)/venv
-	$(WHEEL_SMOKE)/venv/bin/python -m pip install --quiet -c constraints.txt $(WHEEL_SMOKE)/dist/*.whl
-	elsewhere=$$(mktemp -d) && cd $$elsewhere && FIA_BENCH_CACHE=$$elsewhere/cache \
-		$(CURDIR)/$(WHEEL_SMOKE)/venv/bin/fia-bench method=none model=tiny_random preset=smoke \
-		seeds=1 out_dir=$(CURDIR)/$(WHEEL_SMOKE)/run && rm -rf $$elsewhere
-	test -s $(WHEEL_SMOKE)/run/records.csv
-	rm -rf $(WHEEL_SMOKE)
+	.ci/wheel_smoke $(PY) $(PYTHON)
 
 # Train the mini world from scratch (resumable: run again after an interruption, or in chunks
 # with ARGS="--max-minutes 5"), then re-measure its model card.
@@ -90,4 +78,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) outputs multirun build $(WHEEL_SMOKE)
+	rm -rf $(VENV) outputs multirun build .wheel-smoke
