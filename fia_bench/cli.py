@@ -199,10 +199,13 @@ def main() -> None:
     if DRY_RUN in argv:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: a plan never downloads
     try:
-        if argv == [PLUGINS]:
+        if argv[:1] == [PLUGINS]:
             from fia_bench.plugins import plugin_table
 
-            print(plugin_table(), end="")
+            extra = [a for a in argv[1:] if a.partition("=")[0].lstrip("+") != SEARCHPATH]
+            if extra:
+                raise FiaBenchError(f"{PLUGINS} takes only {SEARCHPATH}=[...], not {extra[0]}")
+            print(plugin_table(argv[1:]), end="")
             return
         check_overrides(argv)
         if DRY_RUN in argv:

@@ -267,9 +267,9 @@ def plugin_rows(sources: list[ConfigSource]) -> tuple[list[tuple[str, ...]], lis
     return rows, problems
 
 
-def plugin_table() -> str:
-    """What ``python -m fia_bench plugins`` prints."""
-    sources = config_sources()
+def plugin_table(overrides: list[str] | None = None) -> str:
+    """What ``python -m fia_bench plugins [hydra.searchpath=[...]]`` prints."""
+    sources = config_sources(overrides)
     rows, problems = plugin_rows(sources)
     header = ("group", "name", "code (package)", "config (source)")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]

@@ -17,6 +17,7 @@ from conftest import cli
 
 from fia_bench.cli import check_overrides
 from fia_bench.errors import FiaBenchError
+from fia_bench.plugins import plugin_table
 
 PYPROJECT = """\
 [build-system]
@@ -208,6 +209,8 @@ def test_a_pkg_searchpath_names_a_package_folder(
     overrides = ["method=uce_soft", "hydra.searchpath=[pkg://my_confs]"]
     check_overrides(overrides)
     assert fia_bench.compose(overrides).method.settings.lamb == 0.1
+    listing = plugin_table(overrides[1:])
+    assert f"{tmp_path / 'my_confs' / 'method' / 'uce_soft.yaml'} (hydra.searchpath)" in listing
     with pytest.raises(FiaBenchError, match=r"hydra.searchpath entry 'pkg://no_such_pkg'"):
         check_overrides(["hydra.searchpath=[pkg://no_such_pkg]"])
 
