@@ -45,12 +45,11 @@ _register_resolvers()
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The config the command line would build from the same overrides (refused alike when
-    they name code to import: ``cli.refuse_code``)."""
+    they name code to import: ``plugins.refuse_code``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from fia_bench.cli import refuse_code
-    from fia_bench.plugins import with_searchpath
+    from fia_bench.plugins import refuse_code, with_searchpath
 
     refuse_code(list(overrides or []))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

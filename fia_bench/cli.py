@@ -28,11 +28,10 @@ from omegaconf import DictConfig
 
 from fia_bench.errors import FiaBenchError, crash_line, unknown_choice
 from fia_bench.plugins import (
-    CODE_KEY,
-    HYDRA_CODE_KEYS,
     SEARCHPATH,
     config_sources,
     group_options,
+    refuse_code,
     refuse_code_in,
     with_searchpath,
 )
@@ -71,35 +70,6 @@ def default_slots(config: Path) -> set[str]:
         if isinstance(entry, dict)
         for k in entry
     }
-
-
-CONFIG_DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
-
-
-def refuse_code(overrides: list[str]) -> None:
-    """Refuse overrides that would make Hydra import and call something named by a path. Extra
-    config folders come only through ``hydra.searchpath=[...]``, whose files
-    ``plugins.config_sources`` checks for the same keys."""
-    for arg in overrides:
-        key = arg.partition("=")[0].lstrip("+")
-        if arg.split("=")[0] in CONFIG_DIR_FLAGS or arg.startswith(
-            tuple(f"{f}=" for f in CONFIG_DIR_FLAGS)
-        ):
-            raise FiaBenchError(
-                f"'{arg}': add config folders as {SEARCHPATH}=[file:///path/to/conf] (their "
-                "configs are checked); machine settings go in conf/local/default.yaml"
-            )
-        if key == SEARCHPATH:
-            continue
-        hydra_code = key.lstrip("~").split(".")[0].split("/")[0] == "hydra" and any(
-            word in arg for word in HYDRA_CODE_KEYS
-        )
-        if CODE_KEY in arg or hydra_code:
-            raise FiaBenchError(
-                f"'{arg}': configs pick plugins by registry name, never by import path "
-                f"({CODE_KEY} and hydra.callbacks are refused; {SEARCHPATH} only as "
-                f"{SEARCHPATH}=[...])"
-            )
 
 
 def check_local_configs(conf: Path) -> None:

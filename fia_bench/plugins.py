@@ -27,6 +27,7 @@ CONFIG_ENTRY_POINTS = "fia_bench.configs"
 SEARCHPATH = "hydra.searchpath"
 CODE_KEY = "_target_"
 HYDRA_CODE_KEYS = ("callbacks", "searchpath")  # hydra.<these> import code or load more configs
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,32 @@ def refuse_code_in(files: list[Path], why: str) -> None:
             raise FiaBenchError(
                 f"{path}: {found[0]} is refused; {why}, and configs pick plugins by registry "
                 "name, never by import path"
+            )
+
+
+def refuse_code(overrides: list[str]) -> None:
+    """Refuse overrides that would make Hydra import and call something named by a path. Extra
+    config folders come only through ``hydra.searchpath=[...]``, whose files
+    ``plugins.config_sources`` checks for the same keys."""
+    for arg in overrides:
+        key = arg.partition("=")[0].lstrip("+")
+        if arg.split("=")[0] in CONFIG_DIR_FLAGS or arg.startswith(
+            tuple(f"{f}=" for f in CONFIG_DIR_FLAGS)
+        ):
+            raise FiaBenchError(
+                f"'{arg}': add config folders as {SEARCHPATH}=[file:///path/to/conf] (their "
+                "configs are checked); machine settings go in conf/local/default.yaml"
+            )
+        if key == SEARCHPATH:
+            continue
+        hydra_code = key.lstrip("~").split(".")[0].split("/")[0] == "hydra" and any(
+            word in arg for word in HYDRA_CODE_KEYS
+        )
+        if CODE_KEY in arg or hydra_code:
+            raise FiaBenchError(
+                f"'{arg}': configs pick plugins by registry name, never by import path "
+                f"({CODE_KEY} and hydra.callbacks are refused; {SEARCHPATH} only as "
+                f"{SEARCHPATH}=[...])"
             )
 
 
