@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 RUN_ARGS := method=uce seeds=3
 comma := ,
 
-.PHONY: install run test bench lint clean mini-world mini-world-card results-mini \
+.PHONY: install run test wheel-smoke bench lint clean mini-world mini-world-card results-mini \
 	results-mini-explicit comparisons-mini
 
 install: $(STAMP)
@@ -28,6 +28,11 @@ test: export HF_HUB_OFFLINE := 1
 test: export WANDB_MODE := offline
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The wheel as users install it: built, installed through constraints.txt into a fresh venv and run
+# once from outside the checkout (.ci/wheel_smoke; CI runs it after make test)
+wheel-smoke: $(STAMP)
+	.ci/wheel_smoke $(PY) $(PYTHON)
 
 # Train the mini world from scratch (resumable: run again after an interruption, or in chunks
 # with ARGS="--max-minutes 5"), then re-measure its model card.
@@ -75,4 +80,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun build .wheel-smoke

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fia_bench.resources import checkout_root, config_dir, shipped
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -20,20 +22,22 @@ if TYPE_CHECKING:
 __all__ = ["compose", "run"]
 __version__ = "0.1.0"
 
-
-def package_path(relative: str) -> str:
-    """Absolute path of a file shipped inside the package (the mini world's weights), so configs
-    can name them as ``${fia_bench_path:miniworld/weights/pipeline}`` wherever it is installed."""
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parent / relative)
+# In a source checkout the plugin folders (methods/, evaluators/, datasets/) sit beside this
+# package, not inside it; listing the checkout here resolves fia_bench.methods and the rest to the
+# same checkout as fia_bench itself. Without it an editable install's import hook maps them to the
+# checkout it was installed from, whichever checkout fia_bench was imported from.
+_checkout = checkout_root()
+if _checkout is not None:
+    __path__.append(str(_checkout))
 
 
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
+    # configs name shipped files as ${fia_bench_path:miniworld/weights/pipeline}, wherever the
+    # package is installed
     if not OmegaConf.has_resolver("fia_bench_path"):
-        OmegaConf.register_new_resolver("fia_bench_path", package_path)
+        OmegaConf.register_new_resolver("fia_bench_path", lambda relative: str(shipped(relative)))
 
 
 _register_resolvers()
@@ -41,15 +45,15 @@ _register_resolvers()
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The config the command line would build from the same overrides (refused alike when
-    they name code to import: ``cli.refuse_code``)."""
+    they name code to import: ``plugins.refuse_code``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from fia_bench.cli import CONFIG_DIR, refuse_code
+    from fia_bench.plugins import refuse_code, with_searchpath
 
     refuse_code(list(overrides or []))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=with_searchpath(overrides or []))
 
 
 def run(

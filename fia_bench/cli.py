@@ -9,8 +9,12 @@ stays in the cache. An unexpected error ends with one line naming a log file tha
 trace, exit code 1.
 
 Nothing on the command line or in a local config runs code: configs pick plugins by registry
-name, and ``_target_`` (Hydra's import-path instantiation), ``hydra.callbacks``,
-``hydra.searchpath`` and the flags that add config folders are refused before Hydra sees them."""
+name, and ``_target_`` (Hydra's import-path instantiation), ``hydra.callbacks`` and the flags
+that add config folders are refused before Hydra sees them. Config folders beyond ``conf/`` (the
+plugin packages', ``hydra.searchpath=[...]``) are checked for the same keys (``plugins.py``).
+
+``python -m fia_bench plugins`` lists every registered plugin, the module its code comes from and
+the config that selects it."""
 
 from __future__ import annotations
 
@@ -23,11 +27,18 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from fia_bench.errors import FiaBenchError, crash_line, unknown_choice
+from fia_bench.plugins import (
+    SEARCHPATH,
+    config_sources,
+    group_options,
+    refuse_code,
+    refuse_code_in,
+    with_searchpath,
+)
+from fia_bench.resources import config_dir
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
     from fia_bench.runner import run
 
@@ -61,63 +72,10 @@ def default_slots(config: Path) -> set[str]:
     }
 
 
-CODE_KEY = "_target_"
-HYDRA_CODE_KEYS = ("callbacks", "searchpath")  # hydra.<these> import code or load outside conf/
-CONFIG_DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
-
-
-def refuse_code(overrides: list[str]) -> None:
-    """Refuse overrides that would make Hydra import and call something named by a path."""
-    for arg in overrides:
-        key = arg.partition("=")[0].lstrip("+~")
-        if arg.split("=")[0] in CONFIG_DIR_FLAGS or arg.startswith(
-            tuple(f"{f}=" for f in CONFIG_DIR_FLAGS)
-        ):
-            raise FiaBenchError(
-                f"'{arg}': extra config folders are not accepted; put machine settings in "
-                "conf/local/default.yaml"
-            )
-        hydra_code = key.split(".")[0].split("/")[0] == "hydra" and any(
-            word in arg for word in HYDRA_CODE_KEYS
-        )
-        if CODE_KEY in arg or hydra_code:
-            raise FiaBenchError(
-                f"'{arg}': configs pick plugins by registry name, never by import path "
-                f"({CODE_KEY}, hydra.callbacks and hydra.searchpath are refused)"
-            )
-
-
-def code_keys(node: object, path: str = "") -> list[str]:
-    """Paths of ``_target_`` keys, and of hydra.callbacks / hydra.searchpath, in a YAML tree."""
-    found: list[str] = []
-    if isinstance(node, dict):
-        for key, child in node.items():
-            here = f"{path}.{key}" if path else str(key)
-            if key == CODE_KEY or (path == "hydra" and key in HYDRA_CODE_KEYS):
-                found.append(here)
-            found += code_keys(child, here)
-    elif isinstance(node, list):
-        for i, child in enumerate(node):
-            found += code_keys(child, f"{path}[{i}]")
-    return found
-
-
 def check_local_configs(conf: Path) -> None:
     """conf/local/ holds hand-written machine settings (git-ignored, never reviewed): refuse the
     keys that would run code, as on the command line."""
-    import yaml
-
-    for path in sorted((conf / "local").rglob("*.yaml")):
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise FiaBenchError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
-        found = code_keys(tree)
-        if found:
-            raise FiaBenchError(
-                f"{path}: {found[0]} is refused; local configs set values, and configs pick "
-                f"plugins by registry name, never by import path"
-            )
+    refuse_code_in(sorted((conf / "local").rglob("*.yaml")), "local configs set values")
 
 
 def parse_error(overrides: list[str]) -> None:
@@ -139,14 +97,17 @@ def parse_error(overrides: list[str]) -> None:
 def check_overrides(argv: list[str]) -> None:
     """Hydra reports an unknown config option or key as a multi-line trace; catch both first and
     name the valid choices and the nearest one, as for every other bad input. Overrides and local
-    configs that would run code are refused first."""
-    conf = Path(CONFIG_DIR)
+    configs that would run code are refused first. Options are looked up in every folder Hydra
+    will read: our conf/, the user's hydra.searchpath and the plugin packages' configs."""
+    conf = config_dir()
     refuse_code(argv)
     check_local_configs(conf)
     # only key=value words: flags take values of their own (--cfg job)
     parse_error([a for a in argv if "=" in a and not a.startswith("-")])
+    sources = config_sources(argv)
     slots = default_slots(conf / "config.yaml")
-    selections, settings = [], []
+    selections = [a for a in argv if a.partition("=")[0].lstrip("+") == SEARCHPATH]
+    settings = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.startswith("+") and key[1:] in slots:
@@ -155,11 +116,8 @@ def check_overrides(argv: list[str]) -> None:
             )
         if not sep or key.startswith(("+", "~", "hydra.", "-")):
             continue
-        if (conf / key).is_dir():
-            group = conf / key  # nested options are named by their path: experiment=fia/table1
-            options = sorted(
-                p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml")
-            )
+        options = group_options(sources, key)  # nested by their path: experiment=fia/table1
+        if options is not None:
             for option in value.strip("[]").split(","):
                 option = option.strip()
                 if option and option != "null" and option not in options:
@@ -202,12 +160,23 @@ def run_dir_from_out_dir(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir={out_dirs[-1]}"] if out_dirs else argv
 
 
+PLUGINS = "plugins"
+
+
 def main() -> None:
     sys.argv[1:] = run_dir_from_out_dir(sys.argv[1:])
     argv = sys.argv[1:]
     if DRY_RUN in argv:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: a plan never downloads
     try:
+        if argv[:1] == [PLUGINS]:
+            from fia_bench.plugins import plugin_table
+
+            extra = [a for a in argv[1:] if a.partition("=")[0].lstrip("+") != SEARCHPATH]
+            if extra:
+                raise FiaBenchError(f"{PLUGINS} takes only {SEARCHPATH}=[...], not {extra[0]}")
+            print(plugin_table(argv[1:]), end="")
+            return
         check_overrides(argv)
         if DRY_RUN in argv:
             flags = [a for a in argv if a.startswith("-") and a not in (DRY_RUN, *MULTIRUN)]
@@ -230,4 +199,5 @@ def main() -> None:
     except Exception as err:
         print(f"fia_bench: {crash_line(err, None)}", file=sys.stderr)
         sys.exit(1)
+    sys.argv[1:] = with_searchpath(argv)  # the plugin packages' configs, as the check saw them
     hydra_entry()

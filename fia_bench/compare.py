@@ -28,8 +28,9 @@ from fia_bench.composite import fia_overall, scapre_uq
 from fia_bench.errors import FiaBenchError
 from fia_bench.records import RUN_COLUMNS, check_one_build, rule_labels
 from fia_bench.report import markdown_table
+from fia_bench.resources import shipped
 
-PAPER_TABLES = Path(__file__).resolve().parent.parent / "experiments" / "paper_tables"
+PAPER_TABLES = shipped("experiments/paper_tables")
 SD_VERSIONS = {"sd14": "SD v1.4", "sd15": "SD v1.5"}
 COMPOSITES = ("fia_overall", "scapre_uq", "mean_rank")
 COUNT = "count/"

@@ -49,9 +49,9 @@ class PaperRule:
 
 
 def nudenet_settings() -> dict[str, Any]:
-    from fia_bench.cli import CONFIG_DIR
+    from fia_bench.resources import config_dir
 
-    path = Path(CONFIG_DIR) / "evaluator" / "nudenet.yaml"
+    path = config_dir() / "evaluator" / "nudenet.yaml"
     return yaml.safe_load(path.read_text(encoding="utf-8"))["settings"]
 
 

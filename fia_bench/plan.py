@@ -37,15 +37,16 @@ from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_
 from fia_bench.engine import Sampler
 from fia_bench.errors import FiaBenchError
 from fia_bench.guidance import ClassifierFree, Guidance
+from fia_bench.plugins import with_searchpath
 from fia_bench.registry import METHODS
+from fia_bench.resources import config_dir, shipped
 from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
 from fia_bench.stages import SEED_STRIDE, erase_key
 from fia_bench.tasks import load_task, world_vocabulary
 from fia_bench.validate import check_config, plain, selected_evaluators
 
-REPO = Path(__file__).resolve().parent.parent
-THROUGHPUT_FILE = REPO / "experiments" / "throughput_h100.yaml"
-BENCH_FILE = REPO / "benchmarks" / "results" / "bench_sd_cuda.json"
+THROUGHPUT_FILE = shipped("experiments/throughput_h100.yaml")
+BENCH_FILE = shipped("benchmarks/results/bench_sd_cuda.json")
 UNEDITED = "none"  # the registry name of the unedited model: its edit is empty by definition
 
 
@@ -166,10 +167,10 @@ def load_throughput(figures: Path = THROUGHPUT_FILE, bench: Path = BENCH_FILE) -
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
-    from fia_bench.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(
+            config_name="config", overrides=with_searchpath(overrides), return_hydra_config=True
+        )
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:

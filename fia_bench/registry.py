@@ -71,6 +71,13 @@ class Registry(Generic[T]):
         self._read_entry_points()
         return sorted(self._specs)
 
+    def source(self, name: str) -> str:
+        """Where a registered plugin's class comes from, as ``module:attr``."""
+        self._read_entry_points()
+        if name not in self._specs:
+            raise unknown_choice(self.kind, name, self._specs)
+        return self._specs[name]
+
     def get(self, name: str, where: str = "") -> type[T]:
         self._read_entry_points()
         if name in self._loaded:

@@ -37,6 +37,7 @@ from fia_bench.records import (
     rule_labels,
     shown_method,
 )
+from fia_bench.resources import checkout_root
 
 PACKAGES = (
     "fia_bench",
@@ -343,7 +344,11 @@ def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts
 
 # ---- provenance ----------------------------------------------------------------------------
 def git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    """The checkout's commit; an installed wheel has none (its version is in ``versions``), and
+    asking git from site-packages would name whatever repository holds the venv."""
+    root = checkout_root()
+    if root is None:
+        return {"commit": None, "dirty": None}
 
     def git(*args: str) -> str:
         try:

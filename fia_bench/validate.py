@@ -12,11 +12,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fia_bench.cli import CONFIG_DIR
 from fia_bench.engine import AUTO, SCHEDULERS
 from fia_bench.errors import FiaBenchError
 from fia_bench.models import DTYPES
 from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS, Registry
+from fia_bench.resources import config_dir
 from fia_bench.schema import Choice, Dict, Either, Flag, Int, Items, Real, Schema, Text
 
 SEED_POLICIES = ("erase", "erase_and_generate")
@@ -93,7 +93,7 @@ def selected_evaluators(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                 f"evaluator=[...] selects both detector and {name}, which is model "
                 f"{cfg.model.name}'s detector: keep one"
             )
-        shipped = OmegaConf.load(Path(CONFIG_DIR) / "evaluator" / f"{name}.yaml")
+        shipped = OmegaConf.load(config_dir() / "evaluator" / f"{name}.yaml")
         selected[name] = plain(OmegaConf.merge(shipped, selected.pop(DETECTOR)))
     return dict(sorted(selected.items()))
 

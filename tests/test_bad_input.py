@@ -133,8 +133,11 @@ CLI_CASES = [
     (["+hydra.callbacks.x._target_=os.makedirs"], "never by import path"),
     (["+method._target_=os.system"], "never by import path"),
     (["+hydra={callbacks: {x: {_target_: os.system}}}"], "never by import path"),
-    (["hydra.searchpath=[file:///tmp]"], "never by import path"),
-    (["--config-dir=/tmp"], "extra config folders are not accepted"),
+    (["hydra.searchpath=[file://{tmp}/code_conf]"], "_target_ is refused; configs from"),
+    (["+hydra.searchpath=[file://{tmp}/a_file]"], "a_file is not a folder"),
+    (["hydra.searchpath=[pkg://no_such_package]"], "no installed package 'no_such_package'"),
+    (["hydra.searchpath=[s3://bucket]"], "unknown scheme 's3'; valid choices: file, pkg"),
+    (["--config-dir=/tmp"], "add config folders as hydra.searchpath=[file:///path/to/conf]"),
 ]
 
 
@@ -146,6 +149,8 @@ def write_inputs(tmp: Path) -> None:
     (tmp / "huge_seed.csv").write_text(f"{header}0,a tench,{10**23},tench\n{rows}")
     (tmp / "float_seed.csv").write_text(f"{header}0,a tench,1e23,tench\n{rows}")
     (tmp / "binary.csv").write_bytes(header.encode() + b"\xff\xfe\x00garbage\n")
+    (tmp / "code_conf" / "method").mkdir(parents=True)
+    (tmp / "code_conf" / "method" / "mine.yaml").write_text("name: uce\n_target_: os.system\n")
 
 
 def preflight(overrides: list[str], tmp: Path) -> None:

@@ -13,6 +13,7 @@ import yaml
 from conftest import cli
 
 from fia_bench import cli as fia_cli
+from fia_bench.resources import config_dir
 
 
 @pytest.mark.parametrize(
@@ -51,10 +52,10 @@ def test_local_configs_that_name_code_are_refused_and_never_run(
 ) -> None:
     evidence = tmp_path / "injected"
     conf = tmp_path / "conf"
-    shutil.copytree(fia_cli.CONFIG_DIR, conf)
+    shutil.copytree(config_dir(), conf)
     text = yaml.safe_dump(local).replace("{evidence}", str(evidence))
     (conf / "local" / "default.yaml").write_text(text)
-    monkeypatch.setattr(fia_cli, "CONFIG_DIR", str(conf))
+    monkeypatch.setattr(fia_cli, "config_dir", lambda: conf)
     monkeypatch.setattr(sys, "argv", ["fia_bench", "model=tiny_random", f"out_dir={tmp_path}"])
     with pytest.raises(SystemExit) as exit_:
         fia_cli.main()

@@ -11,7 +11,8 @@ from conftest import FAST, ONE_THREAD, cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 
-from fia_bench.cli import CONFIG_DIR, check_overrides
+from fia_bench.cli import check_overrides
+from fia_bench.resources import config_dir
 
 SWEEP = ["-m", "method=none,uce", "model=tiny_random", "seeds=1", "n_concepts=[1]", *FAST]
 TABLES = ("records.csv", "runs.csv", "summary.csv", "tests.csv", "report.md")
@@ -54,7 +55,7 @@ def test_parallel_sweep_equals_sequential_sweep(tmp_path: Path) -> None:
 def test_slurm_launcher_composes_into_the_submitit_plugin() -> None:
     overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]
     check_overrides(overrides)  # the command line accepts it
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"
