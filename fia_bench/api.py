@@ -31,6 +31,13 @@ class Task:
     templates: tuple[str, ...]
     source: str
     superclasses: dict[str, str] = field(default_factory=dict)
+    # the family (objects | styles | explicit) whose per-task settings the methods apply: a task
+    # file's `kind:` (a held-out or larger object set is still objects), else the task's name
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
 
     def split(self, n_concepts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return self.concepts[:n_concepts], self.concepts[n_concepts:]

@@ -45,7 +45,8 @@ def load_task(name: str, world: str) -> Task:
     unknown = sorted(set(superclasses) - set(concepts))
     if unknown:
         raise FiaBenchError(f"{path}: superclasses given for unknown concepts {unknown}")
-    return Task(name, world, concepts, templates, str(path), superclasses)
+    kind = str(data.get("kind") or name)
+    return Task(name, world, concepts, templates, str(path), superclasses, kind)
 
 
 def world_vocabulary(world: str) -> list[str]:

@@ -207,7 +207,7 @@ class ConceptPrune(Method):
     def plan(self, request: EraseRequest) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The union of the targets' masks per layer and the info dict; weights untouched."""
         engine = request.engine
-        spec = self.prompt_set(request.task.name, request.task.world)
+        spec = self.prompt_set(request.task.kind, request.task.world)
         seed = request.seed if self.noise_seed is None else int(self.noise_seed)
         layers = self.layers(engine.pipe.unet)
         prune = {n: torch.zeros_like(m.weight, dtype=torch.bool) for n, m in layers.items()}

@@ -198,11 +198,11 @@ class ESD(Method):
                 f"(got {self.iterations}, {self.ddim_steps}, {self.lr})"
             )
 
-    def train_set(self, task_name: str) -> str:
+    def train_set(self, task_kind: str) -> str:
         """``auto``: ESD-x for styles, ESD-u otherwise (objects, nudity), as the paper advises."""
         if self.train != "auto":
             return self.train
-        return "esd-x" if task_name == "styles" else "esd-u"
+        return "esd-x" if task_kind == "styles" else "esd-u"
 
     def xt_engine(self, engine: Engine) -> Engine:
         """``xt_scheduler`` (DDIM with eta 0 for the paper, PNDM for the rewrite) at CFG
@@ -257,7 +257,7 @@ class ESD(Method):
 
         engine = request.engine
         unet = engine.pipe.unet
-        train = self.train_set(request.task.name)
+        train = self.train_set(request.task.kind)
         names = trainable_names(unet, train, self.variant)
         info: dict[str, Any] = {
             "variant": self.variant,

@@ -516,7 +516,7 @@ class FIA(Method):
     def select_concepts(self, request: EraseRequest) -> Selection:
         """Q^(c) of every target, summed into s_ℓ = Σ_c Mask_ℓ^(c) (Eq. 8's counts)."""
         engine = request.engine
-        spec = self.task_prompts(request.task.name, request.task.world)
+        spec = self.task_prompts(request.task.kind, request.task.world)
         seed = request.seed if self.noise_seed is None else int(self.noise_seed)
         layers = self.layers(engine.pipe.unet, self.layer)
         targets = list(dict.fromkeys(request.targets))

@@ -77,7 +77,7 @@ class FMN(Method):
         self.seed_base = int(seed_base)
 
     def prompt(self, request: EraseRequest, concept: str) -> str:
-        kind = "style" if request.task.name.startswith("styles") else "object"
+        kind = "style" if request.task.kind == "styles" else "object"
         world_kind = f"{request.task.world}/{kind}"
         return self.prompts.get(world_kind, self.prompts[kind]).format(concept=concept)
 

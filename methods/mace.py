@@ -178,7 +178,7 @@ class MACE(Method):
         world's text encoder knows only its own words."""
         kind = self.concept_type
         if kind is None:
-            kind = "style" if request.task.name.startswith("styles") else "object"
+            kind = "style" if request.task.kind == "styles" else "object"
         world_kind = f"{request.task.world}/{kind}"
         return world_kind if world_kind in self.templates else kind
 

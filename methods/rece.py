@@ -84,7 +84,7 @@ class RECE(Method):
 
     def schedule(self, request: EraseRequest) -> tuple[float, int]:
         """(λ, epochs): the settings', else the task's (README: nudity 0.1 / 3, styles 1e-3 / 1)."""
-        name, data = task_block(self.tasks, request.task.name, request.task.world, "RECE settings")
+        name, data = task_block(self.tasks, request.task.kind, request.task.world, "RECE settings")
         lamb = self.lamb if self.lamb is not None else data.get("lamb")
         epochs = self.epochs if self.epochs is not None else data.get("epochs")
         if lamb is None or epochs is None:

@@ -177,7 +177,7 @@ class SAFREE(Method):
 
     def sampling_guidance(self, targets: tuple[str, ...], task: Task) -> SafreeGuidance:
         """The toxic keywords: the setting, else the task's list, else the targets' names."""
-        _, block = task_block(self.tasks, task.name, task.world, "SAFREE settings")
+        _, block = task_block(self.tasks, task.kind, task.world, "SAFREE settings")
         listed = block.get("concepts")
         concepts = self.concepts or (tuple(listed) if listed else tuple(targets))
         return SafreeGuidance(

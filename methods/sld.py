@@ -180,7 +180,7 @@ class SLD(Method):
         """The safety concept: the setting, else the task's text, else the targets' names."""
         if self.safety_concept is not None:
             return self.safety_concept
-        _, text = task_block(self.safety_concepts, task.name, task.world, "SLD safety concept")
+        _, text = task_block(self.safety_concepts, task.kind, task.world, "SLD safety concept")
         return ", ".join(targets) if text is None else str(text)
 
     def sampling_guidance(self, targets: tuple[str, ...], task: Task) -> SafetyGuidance:

@@ -129,7 +129,7 @@ class SPEED(Method):
     def task_settings(self, request: EraseRequest) -> dict[str, Any]:
         """The task's anchor and token rule, and the regime's (few / multi-concept) numbers;
         explicit ``threshold`` / ``retain_scale`` / ``lamb`` / ``filter_retain`` win."""
-        name, data = task_block(self.tasks, request.task.name, request.task.world, "SPEED settings")
+        name, data = task_block(self.tasks, request.task.kind, request.task.world, "SPEED settings")
         rows = data.get("token_rows", "last")
         if rows not in TOKEN_ROWS:
             raise unknown_choice(

@@ -165,7 +165,7 @@ class UCE(Method):
         if not request.targets:
             return {"edited_matrices": 0}
         engine = request.engine
-        kind = self.kind(request.task.name)
+        kind = self.kind(request.task.kind)
         c_erase, c_guide = self.pairs(engine, request.targets, kind)
         c_keep, n_keep_texts = self.preserve_rows(engine, request.retain, kind)
         s_p = self.preserve_scale

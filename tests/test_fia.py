@@ -396,6 +396,10 @@ def test_prompts_come_from_the_settings() -> None:
         "a star in the ocean",
     ]
     assert code.task_prompts("objects", world="sd") == spec
+    # a task file's kind picks the settings: FIA's 50-class sweep is the objects task's
+    objects50 = load_task("objects50", "sd")
+    assert (objects50.kind, load_task("styles", "sd").kind) == ("objects", "styles")
+    assert code.task_prompts(objects50.kind, objects50.world) == spec
 
 
 def test_bad_settings_are_clear_errors() -> None:
