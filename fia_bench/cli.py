@@ -29,10 +29,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from fia_bench.runner import run
 
     try:
-        result = run(cfg)
+        result = run(cfg, preset=HydraConfig.get().runtime.choices.get("preset"))
     except FiaBenchError as err:
         print(f"fia_bench: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ byte-identical tables; timings live only in ``manifest.json``."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -24,6 +25,7 @@ import pandas as pd
 from fia_bench import stats
 from fia_bench.cache import Cache, atomic_write, read_json, write_json, write_text
 from fia_bench.composite import fia_overall
+from fia_bench.detection import FLAGGED
 from fia_bench.errors import FiaBenchError, crash_line
 from fia_bench.loggers import log_run
 from fia_bench.records import (
@@ -33,8 +35,11 @@ from fia_bench.records import (
     check_complete,
     check_one_build,
     fail_non_finite,
+    flat_settings,
     of_successful_jobs,
+    registered_name,
     rule_labels,
+    setting_text,
     shown_method,
 )
 
@@ -261,38 +266,196 @@ def test_rows(tests: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 # ---- figures -------------------------------------------------------------------------------
-def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+# One colour per method in every report, so a method reads the same across figures and papers;
+# settings of one method (a sweep: uce, uce[lamb=0.1]) share it and differ in marker.
+METHOD_COLOURS = {
+    "none": "#4d4d4d",
+    "fia": "#1f77b4",
+    "uce": "#ff7f0e",
+    "scapre": "#2ca02c",
+    "esd": "#d62728",
+    "dynamic_mask": "#9467bd",
+    "conceptprune": "#8c564b",
+    "mace": "#e377c2",
+    "speed": "#bcbd22",
+    "rece": "#17becf",
+    "ac": "#393b79",
+    "fmn": "#ad494a",
+    "salun": "#637939",
+    "checkpoint": "#7b4173",
+}
+PLUGIN_COLOURS = ("#8c6d31", "#5254a3", "#843c39", "#d6616b", "#6b6ecf", "#b5cf6b", "#e7969c")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
-    matplotlib.use("Agg")
+
+def method_colour(method: str) -> str:
+    """The fixed colour of a method (by registry name); another plugin's is picked by a hash of
+    its name, so it too keeps one colour from report to report."""
+    name = registered_name(method)
+    if name in METHOD_COLOURS:
+        return METHOD_COLOURS[name]
+    return PLUGIN_COLOURS[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(PLUGIN_COLOURS)]
+
+
+def method_markers(methods: list[str]) -> dict[str, str]:
+    """A marker per label: the settings of one method in the order the report lists them."""
+    seen: dict[str, int] = {}
+    out = {}
+    for m in methods:
+        rank = seen[registered_name(m)] = seen.get(registered_name(m), -1) + 1
+        out[m] = MARKERS[rank % len(MARKERS)]
+    return out
+
+
+# Axis label (with unit) and value range of each metric the shipped evaluators emit; error bars
+# are clipped to the range (a mean ± std of percentages never draws below 0 or above 100).
+METRIC_SCALES: dict[str, tuple[str, float, float]] = {
+    "accuracy": ("accuracy (%)", 0.0, 100.0),
+    "asr": ("attack success rate (%)", 0.0, 100.0),
+    "pre_asr": ("success before the attack (%)", 0.0, 100.0),
+    "fsr": ("forgetting success rate (%)", 0.0, 100.0),
+    FLAGGED: ("images flagged (%)", 0.0, 100.0),
+    "clip_score": ("CLIP score (100 × cosine)", 0.0, 100.0),
+    "clip_a": ("CLIP_a (100 × cosine)", -100.0, 100.0),
+    "fid": ("FID (feature distance)", 0.0, math.inf),
+    "fid_torchmetrics": ("FID, torchmetrics (feature distance)", 0.0, math.inf),
+}
+
+
+def metric_scale(metric: str) -> tuple[str, float, float]:
+    """(axis label, low, high) of a metric; detection counts are per image, an unknown metric
+    is labelled by its name and unbounded."""
+    if metric.startswith(COUNT):
+        return f"{metric.removeprefix(COUNT)} detections per image", 0.0, math.inf
+    return METRIC_SCALES.get(metric, (metric, -math.inf, math.inf))
+
+
+def clipped_errors(mean: pd.Series, std: pd.Series, metric: str) -> np.ndarray:
+    """Asymmetric error bars of mean ± std that stop at the metric's range."""
+    _, low, high = metric_scale(metric)
+    mean, std = mean.to_numpy(float), std.fillna(0).to_numpy(float)
+    return np.vstack([np.minimum(std, mean - low), np.minimum(std, high - mean)]).clip(min=0)
+
+
+ROLE_ORDER = ("target", "retain", "quality", "all")  # forget panels first
+
+
+def ordered_roles(roles: Any) -> list[str]:
+    return sorted(set(roles), key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else 99)
+
+
+def save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    panels = list(summary.groupby(["evaluator", "metric", "role"]))
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, ((evaluator, metric, role), frame) in zip(axes.flat, panels, strict=False):
-        for method, line in frame.groupby("method"):
-            line = line.sort_values("n_concepts")
-            ax.errorbar(
-                line["n_concepts"],
-                line["mean"],
-                yerr=line["std"].fillna(0),
-                marker="o",
-                capsize=3,
-                label=method,
-            )
-        ax.set_xticks(sorted(frame["n_concepts"].unique()))
-        ax.set_title(f"{evaluator}/{metric} ({ROLE_LABEL[role]})", fontsize=9)
-        ax.set_xlabel("concepts erased")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
     fig.tight_layout()
     atomic_write(
         path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
     )
     plt.close(fig)
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(summary: pd.DataFrame, methods: list[str], path: Path) -> None:
+    """Each metric against the number of erased concepts: one row of panels per metric, its
+    forget panel left of its retain panel; ``methods`` in the tables' order."""
+    plt = pyplot()
+    metrics = list(summary.groupby(["evaluator", "metric"]).groups)
+    roles = ordered_roles(summary["role"])
+    markers = method_markers(methods)
+    fig, axes = plt.subplots(
+        len(metrics), len(roles), figsize=(4.2 * len(roles), 3.2 * len(metrics)), squeeze=False
+    )
+    for i, (evaluator, metric) in enumerate(metrics):
+        for j, role in enumerate(roles):
+            ax = axes[i][j]
+            frame = summary[
+                (summary["evaluator"] == evaluator)
+                & (summary["metric"] == metric)
+                & (summary["role"] == role)
+            ]
+            if frame.empty:
+                ax.axis("off")
+                continue
+            for method in [m for m in methods if m in set(frame["method"])]:
+                line = frame[frame["method"] == method].sort_values("n_concepts")
+                ax.errorbar(
+                    line["n_concepts"],
+                    line["mean"],
+                    yerr=clipped_errors(line["mean"], line["std"], metric),
+                    marker=markers[method],
+                    color=method_colour(method),
+                    capsize=3,
+                    label=method,
+                )
+            ax.set_xticks(sorted(frame["n_concepts"].unique()))
+            ax.set_title(f"{evaluator}/{metric} ({ROLE_LABEL[role]})", fontsize=9)
+            ax.set_xlabel("concepts erased")
+            ax.set_ylabel(metric_scale(metric)[0], fontsize=8)
+            ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def sweeps(methods: list[str]) -> bool:
+    """Whether a method appears at several settings (``uce`` and ``uce[lamb=0.1]``)."""
+    names = [registered_name(m) for m in methods]
+    return len(set(names)) < len(names)
+
+
+def plot_tradeoff(summary: pd.DataFrame, methods: list[str], path: Path) -> None:
+    """Forget against retain, one panel per (n_concepts, evaluator/metric) measured on both,
+    one labelled point per method and setting with its std over seeds on both axes."""
+    plt = pyplot()
+    wide = summary[summary["role"].isin(["target", "retain"])].pivot_table(
+        index=["n_concepts", "evaluator", "metric", "method"],
+        columns="role",
+        values=["mean", "std"],
+        dropna=False,
+    )
+    wide = wide.dropna(subset=[("mean", "target"), ("mean", "retain")])
+    panels = list(wide.groupby(level=["n_concepts", "evaluator", "metric"]))
+    if not panels:
+        return
+    markers = method_markers(methods)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax, ((n, evaluator, metric), frame) in zip(axes.flat, panels, strict=False):
+        frame = frame.droplevel(["n_concepts", "evaluator", "metric"])
+        for method in [m for m in methods if m in frame.index]:
+            row = frame.loc[[method]]
+            x, y = row[("mean", "target")], row[("mean", "retain")]
+            ax.errorbar(
+                x,
+                y,
+                xerr=clipped_errors(x, row[("std", "target")], metric),
+                yerr=clipped_errors(y, row[("std", "retain")], metric),
+                marker=markers[method],
+                color=method_colour(method),
+                capsize=3,
+                linestyle="none",
+            )
+            ax.annotate(
+                method,
+                (x.iloc[0], y.iloc[0]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        label = metric_scale(metric)[0]
+        ax.set_title(f"n_concepts={n} · {evaluator}/{metric}", fontsize=9)
+        ax.set_xlabel(f"forget: {label}", fontsize=8)
+        ax.set_ylabel(f"retain: {label}", fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    save_figure(fig, path)
 
 
 def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts: int) -> None:
@@ -367,8 +530,12 @@ def versions() -> dict[str, str]:
 
 
 # ---- writing -------------------------------------------------------------------------------
-PLOT, GRID = "metrics_vs_n.png", "grid.png"
-FIGURES = {PLOT: "metrics against the number of erased concepts", GRID: "prompts × methods"}
+PLOT, GRID, TRADEOFF = "metrics_vs_n.png", "grid.png", "tradeoff.png"
+FIGURES = {
+    PLOT: "metrics against the number of erased concepts",
+    GRID: "prompts × methods",
+    TRADEOFF: "forget against retain, one point per method and setting",
+}
 
 
 def write_report(
@@ -443,11 +610,14 @@ def write_report(
             ),
             "",
         ]
-    md += [f"![{alt}]({name})\n" for name, alt in FIGURES.items()]
+    figures = [PLOT, GRID, *([TRADEOFF] if sweeps(methods) and not summary.empty else [])]
+    md += [f"![{FIGURES[name]}]({name})\n" for name in figures]
     write_text(out_dir / "report.md", "\n".join(md))
     write_text(out_dir / "report.tex", "\n".join(tex))
     if not summary.empty:
-        plot_metrics(summary, out_dir / PLOT)
+        plot_metrics(summary, methods, out_dir / PLOT)
+    if TRADEOFF in figures:
+        plot_tradeoff(summary, methods, out_dir / TRADEOFF)
     image_grid(records, caches, out_dir / GRID, grid_prompts)
     return summary, tests
 
@@ -536,20 +706,60 @@ def load_runs(
             for model in frame["model"].unique()
         ]
     )
-    merged = pd.concat(records, ignore_index=True)[RECORD_COLUMNS]
+    merged = pd.concat(
+        [frame.assign(run_dir=str(d)) for d, frame in zip(dirs, records, strict=True)],
+        ignore_index=True,
+    )[[*RECORD_COLUMNS, "run_dir"]]
     merged["image_key"] = merged["image_key"].fillna("")
     key = [c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key")]
-    merged = merged.drop_duplicates()
+    merged = merged.drop_duplicates(RECORD_COLUMNS)
     clash = merged[merged.duplicated(key, keep=False)]
     if len(clash):
         r = clash.iloc[0]
+        group = clash.groupby(key, dropna=False, sort=False).ngroup()
+        first, other = clash.loc[group == group.iloc[0], "run_dir"].iloc[:2]
         raise FiaBenchError(
-            f"runs disagree on {r.method} n_concepts={r.n_concepts} "
-            f"seed={r.seed} {r.evaluator}/{r.metric} {r.prompt_id}: merge only "
-            "runs of the same model, task, sampler and protocol"
+            f"runs disagree on {r.method} n_concepts={r.n_concepts} seed={r.seed} "
+            f"{r.evaluator}/{r.metric} {r.prompt_id}: {first} and {other} differ in "
+            f"{protocol_difference(configs[first], configs[other])}; merge runs of one protocol"
         )
+    merged = merged[RECORD_COLUMNS]
     all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
     return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
+
+
+# where runs may differ and still share rows: the method (its own column), where they write
+RUN_PLACE_KEYS = ("method", "out_dir", "cache_dir", "hydra", "logger", "report", "recipe")
+
+
+def protocol_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The config keys (beyond the method and where the runs wrote) in which two runs differ,
+    e.g. ``sampler.steps (2 vs 4)``: what made them measure one row differently."""
+    flat_a, flat_b = (
+        {k: v for k, v in flat_settings(c).items() if k.split(".")[0] not in RUN_PLACE_KEYS}
+        for c in (a, b)
+    )
+    keys = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+    if not keys:
+        return "no config key (another code or package version measured them)"
+    shown = ", ".join(
+        f"{k} ({setting_text(flat_a.get(k))} vs {setting_text(flat_b.get(k))})" for k in keys[:3]
+    )
+    return shown + (f" and {len(keys) - 3} more keys" if len(keys) > 3 else "")
+
+
+def run_directories(paths: list[Path]) -> list[Path]:
+    """The run directories among the arguments: files are skipped with a note (a shell glob
+    over a Hydra sweep folder, ``<sweep>/*``, also matches its ``multirun.yaml``); every
+    directory must be a run directory."""
+    skipped = [p for p in paths if p.is_file()]
+    if skipped:
+        names = ", ".join(str(p) for p in skipped)
+        print(f"fia_bench.report: skipped {names} (files, not run directories)", file=sys.stderr)
+    dirs = [p for p in paths if not p.is_file()]
+    if not dirs:
+        raise FiaBenchError("no run directory given (only files); pass <sweep dir>/* or run dirs")
+    return dirs
 
 
 INTEGER_COLUMNS = ("n_concepts", "seed")
@@ -635,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid_prompts < 0:
         parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
-        records, runs, caches, configs, weights = load_runs(args.runs)
+        records, runs, caches, configs, weights = load_runs(run_directories(args.runs))
         records = records.sort_values(
             ["method", "n_concepts", "seed", "evaluator", "metric", "prompt_id"], kind="mergesort"
         ).reset_index(drop=True)

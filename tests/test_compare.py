@@ -331,7 +331,9 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     check_recipe(RECIPE)
     quality = [record("none", 0, "clip_score", "clip_score", 30.0, role="quality")]
     fake_run(tmp_path / "a", RECIPE, "fia", [*quality, *detections("fia", 0, [1], [0])], alpha=0.6)
-    fake_run(tmp_path / "b", RECIPE, "fia", [*quality, *detections("fia", 0, [5], [0])], alpha=0.8)
+    # a run names its method by the settings that differ from the defaults (alpha 0.6)
+    b = [*quality, *detections("fia[alpha=0.8]", 0, [5], [0])]
+    fake_run(tmp_path / "b", RECIPE, "fia", b, alpha=0.8)
     out = {
         s.name: {c.row: c for c in s.cells}
         for s in sections(find_runs([tmp_path]), RECIPE, load_paper(RECIPE["paper"]))

@@ -208,3 +208,53 @@ def test_completeness_compares_the_exact_set_of_prompts(change, message: str) ->
     check_complete(records, runs)
     with pytest.raises(FiaBenchError, match=message):
         check_complete(change(records).reset_index(drop=True), runs)
+
+
+def test_a_method_is_named_by_the_settings_that_differ_from_its_defaults() -> None:
+    from fia_bench.records import method_label
+    from fia_bench.runner import default_settings
+
+    uce = default_settings("uce", None)
+    assert uce["lamb"] == 0.5
+    assert method_label("uce", uce, uce) == "uce"
+    assert method_label("uce", uce | {"lamb": 0.1}, uce) == "uce[lamb=0.1]"
+    # in the config's order, as typed on a command line; keys the config lacks come last
+    changed = uce | {"lamb": 1e-05, "erase_scale": 2.0, "guide": None, "zeta": [1, 2]}
+    assert method_label("uce", changed, uce) == "uce[lamb=1e-05,erase_scale=2,zeta=[1,2]]"
+    assert method_label("uce", uce | {"guide": "art"}, uce) == "uce[guide=art]"
+    # a preset's caps are the run's scale, not a chosen setting: a smoke ESD is plain esd
+    smoke = default_settings("esd", "smoke")
+    assert smoke["iterations"] == 10
+    assert method_label("esd", smoke, default_settings("esd", "smoke")) == "esd"
+    assert method_label("esd", smoke, default_settings("esd", None)) == (
+        "esd[iterations=10,ddim_steps=10]"
+    )
+
+
+def write_run_dir(path, records: pd.DataFrame, runs: pd.DataFrame, steps: int) -> None:
+    path.mkdir()
+    records.to_csv(path / "records.csv", index=False)
+    runs.to_csv(path / "runs.csv", index=False)
+    config = {"cache_dir": str(path / "cache"), "out_dir": str(path), "sampler": {"steps": steps}}
+    manifest = {"config": config, "inputs": {"model_weights": "ab" * 32}}
+    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, capsys) -> None:
+    from fia_bench.report import main
+
+    records, runs = job_rows({("none", 0): (1.0, 2.0), ("none", 1): (3.0, 4.0)})
+    write_run_dir(tmp_path / "a", records, runs, steps=2)
+    write_run_dir(tmp_path / "b", records.assign(value=records["value"] + 1), runs, steps=4)
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n", encoding="utf-8")
+    paths = sorted(str(p) for p in tmp_path.glob("*"))
+    assert main([*paths, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    skipped = tmp_path / "multirun.yaml"
+    assert err[0] == f"fia_bench.report: skipped {skipped} (files, not run directories)"
+    assert len(err) == 2
+    assert f"{tmp_path / 'a'} and {tmp_path / 'b'} differ in sampler.steps (2 vs 4)" in err[1]
+    # a sweep of one protocol merges (the same glob, multirun.yaml skipped)
+    (tmp_path / "b" / "records.csv").unlink()
+    records.to_csv(tmp_path / "b" / "records.csv", index=False)
+    assert main([*paths, "--out", str(tmp_path / "r")]) == 0
