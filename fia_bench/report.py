@@ -58,6 +58,12 @@ PACKAGES = (
 )
 COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
 ROLE_LABEL = {"target": "forget", "retain": "retain", "quality": "quality", "all": "all"}
+OVERALL = "**Overall (H)**"
+OVERALL_NOTE = (
+    "Overall (H): FIA's overall score, the harmonic mean of the retain accuracy and 100 − the "
+    "forget accuracy, 2·R·(100 − F) / (R + 100 − F), per seed from that seed's averages, then "
+    "mean ± std over seeds; 100 is every forget concept gone and every retain concept kept."
+)
 SEED_STATS = ["mean", "std", "count"]  # over seeds: a cell's value, spread and seed count
 
 
@@ -156,7 +162,7 @@ def concept_tables(
             agg = overall.groupby("method").agg(SEED_STATS)
             rows.append(
                 [
-                    "**Overall (H)**",
+                    OVERALL,
                     *(cell(*agg.loc[m], planned[n]) if m in agg.index else "—" for m in methods),
                 ]
             )
@@ -363,7 +369,7 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_metrics(summary: pd.DataFrame, methods: list[str], path: Path) -> None:
+def metrics_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
     """Each metric against the number of erased concepts: one row of panels per metric, its
     forget panel left of its retain panel; ``methods`` in the tables' order."""
     plt = pyplot()
@@ -400,7 +406,7 @@ def plot_metrics(summary: pd.DataFrame, methods: list[str], path: Path) -> None:
             ax.set_xlabel("concepts erased")
             ax.set_ylabel(metric_scale(metric)[0], fontsize=8)
             ax.legend(fontsize=7)
-    save_figure(fig, path)
+    return fig
 
 
 def sweeps(methods: list[str]) -> bool:
@@ -409,7 +415,7 @@ def sweeps(methods: list[str]) -> bool:
     return len(set(names)) < len(names)
 
 
-def plot_tradeoff(summary: pd.DataFrame, methods: list[str], path: Path) -> None:
+def tradeoff_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
     """Forget against retain, one panel per (n_concepts, evaluator/metric) measured on both,
     one labelled point per method and setting with its std over seeds on both axes."""
     plt = pyplot()
@@ -421,11 +427,9 @@ def plot_tradeoff(summary: pd.DataFrame, methods: list[str], path: Path) -> None
     )
     wide = wide.dropna(subset=[("mean", "target"), ("mean", "retain")])
     panels = list(wide.groupby(level=["n_concepts", "evaluator", "metric"]))
-    if not panels:
-        return
     markers = method_markers(methods)
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
+    cols = max(1, min(3, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     for ax, ((n, evaluator, metric), frame) in zip(axes.flat, panels, strict=False):
         frame = frame.droplevel(["n_concepts", "evaluator", "metric"])
@@ -455,7 +459,7 @@ def plot_tradeoff(summary: pd.DataFrame, methods: list[str], path: Path) -> None
         ax.set_ylabel(f"retain: {label}", fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    save_figure(fig, path)
+    return fig
 
 
 def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts: int) -> None:
@@ -581,6 +585,8 @@ def write_report(
     ]
     for title, header, rows in tables:
         md += [f"## {title}", "", markdown_table(header, rows), ""]
+        if any(r[0] == OVERALL for r in rows):
+            md += [OVERALL_NOTE, ""]
         tex.append(latex_table(header, [[c.replace("**", "") for c in r] for r in rows], title))
     header, rows = summary_rows(summary, labels)
     md += ["## Summary (mean ± sample std over seeds)", "", markdown_table(header, rows), ""]
@@ -595,8 +601,10 @@ def write_report(
     small = tests[tests["warning"] != ""]
     if len(small):
         md += [
-            f"> **Warning**: {len(small)} comparison(s) cannot reach p < {alpha} or have no "
-            "usable pairs; see the warning column. Add seeds or concepts.",
+            f"> **Warning**: {len(small)} of the {len(tests)} comparisons above cannot reach "
+            f"p < {alpha} (too few pairs that differ: the table's pairs column counts every "
+            "pair, the warning those with a non-zero difference) or have no pairs; see the "
+            "warning column. Add seeds or concepts.",
             "",
         ]
     failed = runs[runs["status"] != "ok"]
@@ -615,9 +623,9 @@ def write_report(
     write_text(out_dir / "report.md", "\n".join(md))
     write_text(out_dir / "report.tex", "\n".join(tex))
     if not summary.empty:
-        plot_metrics(summary, methods, out_dir / PLOT)
+        save_figure(metrics_figure(summary, methods), out_dir / PLOT)
     if TRADEOFF in figures:
-        plot_tradeoff(summary, methods, out_dir / TRADEOFF)
+        save_figure(tradeoff_figure(summary, methods), out_dir / TRADEOFF)
     image_grid(records, caches, out_dir / GRID, grid_prompts)
     return summary, tests
 

@@ -258,3 +258,123 @@ def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, caps
     (tmp_path / "b" / "records.csv").unlink()
     records.to_csv(tmp_path / "b" / "records.csv", index=False)
     assert main([*paths, "--out", str(tmp_path / "r")]) == 0
+
+
+def summary_of(values: dict[tuple[str, str, str], tuple[float, float]]) -> pd.DataFrame:
+    """Summary rows (method, metric, role) → (mean, std) at n_concepts=1."""
+    return pd.DataFrame(
+        [
+            {
+                "method": m,
+                "n_concepts": 1,
+                "evaluator": "e",
+                "metric": metric,
+                "role": role,
+                "mean": mean,
+                "std": std,
+                "n_seeds": 3,
+                "n_samples": 6,
+                "higher_is_better": True,
+            }
+            for (m, metric, role), (mean, std) in values.items()
+        ]
+    )
+
+
+def test_figures_read_at_a_glance(tmp_path) -> None:
+    """Forget panels left of retain, units on the y axis, one colour per method in every
+    figure (its settings share it), error bars that stop at the metric's range."""
+    from matplotlib.colors import to_hex
+
+    from fia_bench.report import METHOD_COLOURS, metrics_figure, tradeoff_figure
+
+    methods = ["none", "fia", "uce", "uce[lamb=0.1]"]
+    values = {
+        (m, metric, role): (95.0 - 10 * i, 20.0)
+        for i, m in enumerate(methods)
+        for metric in ("accuracy", "clip_score")
+        for role in ("retain", "target")
+    }
+    fig = metrics_figure(summary_of(values), methods)
+    axes = fig.axes
+    assert [a.get_title() for a in axes] == [
+        "e/accuracy (forget)",
+        "e/accuracy (retain)",
+        "e/clip_score (forget)",
+        "e/clip_score (retain)",
+    ]
+    assert [a.get_ylabel() for a in axes] == ["accuracy (%)"] * 2 + [
+        "CLIP score (100 × cosine)"
+    ] * 2
+    for ax in axes:
+        bars = {c.get_label(): c for c in ax.containers}
+        assert list(bars) == methods
+        for method, bar in bars.items():
+            assert to_hex(bar.lines[0].get_color()) == METHOD_COLOURS[method.partition("[")[0]]
+            low, high = bar.lines[2][0].get_segments()[0][:, 1]
+            assert 0 <= low < high <= 100  # none: 95 ± 20 stops at 100
+        assert bars["none"].lines[2][0].get_segments()[0][1, 1] == 100
+    # the same colour in another report with other methods
+    other = metrics_figure(summary_of({("uce", "accuracy", "target"): (5.0, 9.0)}), ["uce"])
+    bar = other.axes[0].containers[0]
+    assert to_hex(bar.lines[0].get_color()) == METHOD_COLOURS["uce"]
+    assert bar.lines[2][0].get_segments()[0][0, 1] == 0  # 5 ± 9 stops at 0
+    trade = tradeoff_figure(summary_of(values), methods)
+    assert [a.get_xlabel() for a in trade.axes] == [
+        "forget: accuracy (%)",
+        "forget: CLIP score (100 × cosine)",
+    ]
+    assert trade.axes[0].get_ylabel() == "retain: accuracy (%)"
+    assert [t.get_text() for t in trade.axes[0].texts] == methods
+
+
+def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pairs(
+    tmp_path,
+) -> None:
+    import re
+
+    from fia_bench.records import declared
+    from fia_bench.report import OVERALL_NOTE, ROLE_LABEL, write_report
+
+    # uce equals none on the retain concept (zero differences), differs on the forget concept
+    values = {("none", s): (80.0, 90.0) for s in range(3)}
+    values |= {("uce", 0): (10.0, 90.0), ("uce", 1): (20.0, 90.0), ("uce", 2): (15.0, 90.0)}
+    records = pd.DataFrame(
+        [
+            record(m, s, p, "accuracy", v, c, role)
+            for (m, s), (forget, kept) in values.items()
+            for p, v, c, role in (
+                ("p0", forget, "tench", "target"),
+                ("p1", kept, "church", "retain"),
+            )
+        ],
+        columns=RECORD_COLUMNS,
+    )
+    runs = pd.DataFrame(
+        [
+            dict.fromkeys(RUN_COLUMNS, "")
+            | {
+                "method": m,
+                "n_concepts": 1,
+                "seed": s,
+                "status": "ok",
+                "metrics": declared("detector/accuracy", ["p0", "p1"]),
+            }
+            for m, s in values
+        ],
+        columns=RUN_COLUMNS,
+    )
+    _, tests = write_report(tmp_path, records, runs, [], 0.05, 0)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    table_end = report.index("| **Overall (H)** |")
+    assert report[table_end:].split("\n\n", 1)[1].startswith(OVERALL_NOTE)
+    assert report.count(OVERALL_NOTE) == 1
+    warned = tests[tests["warning"] != ""]
+    assert len(warned) == 2
+    for row in warned.itertuples():
+        role = ROLE_LABEL[row.role]
+        shown = re.search(rf"\| {role} \| uce vs none \| (\d+) \|", report)
+        assert shown and int(shown.group(1)) == row.n_pairs
+        if row.n_nonzero:
+            assert row.warning.startswith(f"{row.n_nonzero} of {row.n_pairs} pairs differ")
+    assert f"2 of the {len(tests)} comparisons above cannot reach" in report

@@ -195,7 +195,9 @@ def test_wilcoxon_five_positive_pairs_exact():
     assert row["effect_size"] == pytest.approx(1.0)
     assert row["min_p"] == pytest.approx(0.0625)
     assert row["method_p"] == "exact"
-    assert row["warning"] == "n=5 pairs cannot reach p<0.05 (smallest possible p=0.0625)"
+    assert row["warning"] == (
+        "5 of 5 pairs differ: cannot reach p<0.05 (smallest possible p=0.0625)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -304,5 +306,7 @@ def test_wilcoxon_reference_name_and_alpha():
     row = only_row(stats.wilcoxon_tests(records, reference="base", alpha=0.01))
     assert (row["method_a"], row["method_b"]) == ("a", "base")
     assert row["min_p"] == pytest.approx(2 / 128)
-    assert row["warning"] == "n=7 pairs cannot reach p<0.01 (smallest possible p=0.01562)"
+    assert row["warning"] == (
+        "7 of 7 pairs differ: cannot reach p<0.01 (smallest possible p=0.01562)"
+    )
     assert only_row(stats.wilcoxon_tests(records, reference="base"))["warning"] == ""
