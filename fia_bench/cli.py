@@ -191,6 +191,70 @@ def check_overrides(argv: list[str]) -> None:
             )
 
 
+# the groups a user picks from (preset_caps, task_prompts, and the recipes' building blocks
+# experiment/arm and experiment/parts are pulled in by other configs); --help lists their options
+USER_GROUPS = {
+    "model": "the world: the mini world, Stable Diffusion, or tiny random weights for tests",
+    "method": "the unlearning method (none: the unedited model, the reference)",
+    "task": "ordered concept list and prompts: the first n_concepts are erased",
+    "evaluator": "one or several: evaluator=[clip_accuracy,clip_score]",
+    "attack": "red-team attacks on the erased model: attack=[prompt_replay]",
+    "sampler": "scheduler, steps and guidance of generation",
+    "logger": "where results go besides the run directory's files",
+    "preset": "preset=smoke: the smallest meaningful run of any method",
+    "experiment": "paper-table recipes (their plan: -m experiment=<recipe> --dry-run)",
+}
+INTERNAL_GROUPS = ("experiment/arm", "experiment/parts")
+HELP_KEYS = (
+    "seeds=N or [0,3,7]  n_concepts=N or [1,5,10]  concepts=[a,b]  reference=none\n"
+    "  seed_policy=erase_and_generate|erase  device=cpu|cuda  precision=fp32|fp16|bf16\n"
+    "  out_dir=DIR  cache_dir=DIR  method.settings.<key>=VALUE (each method's own settings)"
+)
+
+
+def group_options(conf: Path, group: str) -> list[str]:
+    """The options of a config group as they are selected (nested ones by their path)."""
+    folder = conf / group
+    return sorted(
+        name
+        for name in (
+            p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")
+        )
+        if not any(f"{group}/{name}".startswith(f"{i}/") for i in INTERNAL_GROUPS)
+    )
+
+
+def help_text() -> str:
+    """``--help``: the project, how to call it, and the config groups a user picks from."""
+    import textwrap
+
+    conf = Path(CONFIG_DIR)
+    lines = [
+        "fia_bench: a reproducible benchmark harness for concept unlearning in text-to-image "
+        "diffusion models",
+        "",
+        "usage: python -m fia_bench [-m] [--dry-run] [group=option ...] [key=value ...]",
+        "       (fia-bench is the same command; -m sweeps comma-separated values)",
+        "",
+        "config groups (group=option):",
+    ]
+    for group, what in USER_GROUPS.items():
+        options = ", ".join(group_options(conf, group))
+        lines += [f"  {group}: {what}"]
+        lines += textwrap.wrap(options, 96, initial_indent="      ", subsequent_indent="      ")
+    lines += [
+        "",
+        "keys:",
+        f"  {HELP_KEYS}",
+        "",
+        "merge runs: python -m fia_bench.report <run or sweep dirs>/* --out DIR",
+        "also: python -m fia_bench.compare (paper tables), .export (erased model out), "
+        ".explicit (detections under each paper's rule)",
+        "the composed config: --cfg job; Hydra's own flags: --hydra-help; README.md explains all",
+    ]
+    return "\n".join(lines)
+
+
 DRY_RUN = "--dry-run"
 MULTIRUN = ("-m", "--multirun")
 
@@ -207,6 +271,9 @@ def run_dir_from_out_dir(argv: list[str]) -> list[str]:
 def main() -> None:
     sys.argv[1:] = run_dir_from_out_dir(sys.argv[1:])
     argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
     if DRY_RUN in argv:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: a plan never downloads
     try:

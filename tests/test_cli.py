@@ -149,3 +149,20 @@ def test_bad_input_fails_with_one_clear_line(
     assert errors, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_help_names_the_project_and_only_the_groups_a_user_picks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from fia_bench import cli as command_line
+
+    monkeypatch.setattr("sys.argv", ["fia_bench", "--help"])
+    command_line.main()
+    text = capsys.readouterr().out
+    assert text.startswith("fia_bench: a reproducible benchmark harness for concept unlearning")
+    groups = [line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ")]
+    assert [g for g in groups if g in command_line.USER_GROUPS] == list(command_line.USER_GROUPS)
+    for option in ("uce", "tiny_random", "fia/table1", "smoke", "clip_accuracy"):
+        assert option in text
+    for internal in ("parts/", "arm/", "preset_caps", "task_prompts", "Powered by Hydra"):
+        assert internal not in text
