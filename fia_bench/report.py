@@ -42,6 +42,7 @@ from fia_bench.records import (
     setting_text,
     shown_method,
 )
+from fia_bench.tasks import load_task
 
 PACKAGES = (
     "fia_bench",
@@ -756,6 +757,18 @@ def protocol_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return shown + (f" and {len(keys) - 3} more keys" if len(keys) > 3 else "")
 
 
+def concept_order(records: pd.DataFrame, configs: dict[str, dict[str, Any]]) -> list[str]:
+    """The concepts in their task's order (the task file's list, which the tables follow), then
+    any concept no task file lists in the order the runs wrote them."""
+    listed: list[str] = []
+    for config in configs.values():
+        try:
+            listed += load_task(str(config["task"]["name"]), str(config["model"]["world"])).concepts
+        except (FiaBenchError, KeyError, TypeError):
+            continue
+    return list(dict.fromkeys([*listed, *map(str, records["concept"])]))
+
+
 def run_directories(paths: list[Path]) -> list[Path]:
     """The run directories among the arguments: files are skipped with a note (a shell glob
     over a Hydra sweep folder, ``<sweep>/*``, also matches its ``multirun.yaml``); every
@@ -854,9 +867,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
         records, runs, caches, configs, weights = load_runs(run_directories(args.runs))
-        records = records.sort_values(
-            ["method", "n_concepts", "seed", "evaluator", "metric", "prompt_id"], kind="mergesort"
-        ).reset_index(drop=True)
+        rank = {c: i for i, c in enumerate(concept_order(records, configs))}
+        records = (
+            records.assign(concept_rank=records["concept"].map(rank))
+            .sort_values(
+                [
+                    "method",
+                    "n_concepts",
+                    "seed",
+                    "evaluator",
+                    "metric",
+                    "concept_rank",
+                    "prompt_id",
+                ],
+                kind="mergesort",
+            )
+            .drop(columns="concept_rank")
+            .reset_index(drop=True)
+        )
         runs = runs.sort_values(JOB_KEYS, kind="mergesort").reset_index(drop=True)
         write_report(
             args.out,

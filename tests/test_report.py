@@ -231,11 +231,17 @@ def test_a_method_is_named_by_the_settings_that_differ_from_its_defaults() -> No
     )
 
 
-def write_run_dir(path, records: pd.DataFrame, runs: pd.DataFrame, steps: int) -> None:
+def write_run_dir(path, records: pd.DataFrame, runs: pd.DataFrame, steps: int = 2) -> None:
     path.mkdir()
     records.to_csv(path / "records.csv", index=False)
     runs.to_csv(path / "runs.csv", index=False)
-    config = {"cache_dir": str(path / "cache"), "out_dir": str(path), "sampler": {"steps": steps}}
+    config = {
+        "cache_dir": str(path / "cache"),
+        "out_dir": str(path),
+        "sampler": {"steps": steps},
+        "task": {"name": "objects"},
+        "model": {"world": "tiny"},
+    }
     manifest = {"config": config, "inputs": {"model_weights": "ab" * 32}}
     (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
 
@@ -378,3 +384,47 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
         if row.n_nonzero:
             assert row.warning.startswith(f"{row.n_nonzero} of {row.n_pairs} pairs differ")
     assert f"2 of the {len(tests)} comparisons above cannot reach" in report
+
+
+def test_a_merged_report_keeps_the_tasks_concept_order(tmp_path) -> None:
+    """The tiny objects task lists tench, english springer, cassette player, chain saw; prompt
+    ids that sort the other way round must not reorder the merged tables."""
+    from fia_bench.records import declared
+    from fia_bench.report import main
+
+    concepts = [("tench", "target"), ("english springer", "retain"), ("cassette player", "retain")]
+    ids = ["z-tench", "y-springer", "x-cassette"]
+    dirs = []
+    for seed in (0, 1):
+        records = pd.DataFrame(
+            [
+                record(m, seed, pid, "accuracy", 50.0, concept, role)
+                for m in ("none", "uce")
+                for pid, (concept, role) in zip(ids, concepts, strict=True)
+            ],
+            columns=RECORD_COLUMNS,
+        )
+        runs = pd.DataFrame(
+            [
+                dict.fromkeys(RUN_COLUMNS, "")
+                | {
+                    "method": m,
+                    "n_concepts": 1,
+                    "seed": seed,
+                    "status": "ok",
+                    "metrics": declared("detector/accuracy", ids),
+                }
+                for m in ("none", "uce")
+            ],
+            columns=RUN_COLUMNS,
+        )
+        dirs.append(tmp_path / f"seed{seed}")
+        write_run_dir(dirs[-1], records, runs)
+    assert main([*map(str, dirs), "--out", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    rows = [
+        line.split(" |")[0].lstrip("| ") for line in report.splitlines() if "(retain) |" in line
+    ]
+    assert rows == ["english springer (retain)", "cassette player (retain)"]
+    merged = pd.read_csv(tmp_path / "r" / "records.csv")
+    assert list(merged["concept"].head(3)) == [c for c, _ in concepts]
