@@ -29,6 +29,7 @@ from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, prepared_model, torch_dtype
+from fia_bench.progress import progress
 from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared, method_label
 from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
@@ -207,7 +208,7 @@ def run_job(
     ]
     out = JobOutputs()
     prompt_hashes: dict[str, str] = {}
-    for job in tqdm(jobs, desc="jobs", unit="job"):
+    for job in progress(jobs, desc="jobs", unit="job"):
         erased = stages.erase(job)
         run_row = {
             "method": job.method,

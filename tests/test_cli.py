@@ -46,6 +46,9 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
     assert set(summary["n_seeds"]) == {2}
     assert "Avg forget" in first.stdout
+    # stderr is not a terminal here (as in a log file): plain progress lines, no bar redraws
+    assert "\r" not in first.stderr and "\x1b" not in first.stderr
+    assert "[fia_bench] jobs: 4/4 job (" in first.stderr
 
 
 def test_multirun_and_report_merge(tmp_path: Path) -> None:
