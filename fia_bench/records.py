@@ -20,6 +20,7 @@ RECORD_COLUMNS = [
     "concept",
     "role",
     "prompt_id",
+    "prompt",
     "evaluator",
     "metric",
     "value",
@@ -46,6 +47,7 @@ RUN_COLUMNS = [
     "info",
 ]
 JOB_KEYS = ["method", "n_concepts", "seed"]
+ADDED_RECORD_COLUMNS = ("prompt",)  # records written before these were added read them as ""
 
 
 def ids_digest(prompt_ids: Iterable[Any]) -> str:

@@ -29,6 +29,7 @@ from fia_bench.detection import FLAGGED
 from fia_bench.errors import FiaBenchError, crash_line
 from fia_bench.loggers import log_run
 from fia_bench.records import (
+    ADDED_RECORD_COLUMNS,
     JOB_KEYS,
     RECORD_COLUMNS,
     RUN_COLUMNS,
@@ -463,49 +464,83 @@ def tradeoff_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
     return fig
 
 
-def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts: int) -> None:
-    """Prompts (rows) × methods (columns) at the largest concept count and the first seed."""
+GridRow = tuple[int, str, str, str, str]  # (n_concepts, role, concept, prompt_id, prompt)
+
+
+def grid_rows(records: pd.DataFrame, order: list[str], per_count: int) -> list[GridRow]:
+    """The grid's rows: for every concept count, the first prompt of each concept, forget
+    concepts first, then retain (each in the task's ``order``), at most ``per_count`` of them."""
+    images = records[(records["image_key"] != "") & records["role"].isin(["target", "retain"])]
+    rank = {c: i for i, c in enumerate(order)}
+    rows: list[GridRow] = []
+    for n, frame in images.groupby("n_concepts", sort=True):
+        first = frame.drop_duplicates("concept").assign(
+            role_rank=frame["role"].map({"target": 0, "retain": 1}),
+            concept_rank=frame["concept"].map(lambda c: rank.get(c, len(rank))),
+        )
+        first = first.sort_values(["role_rank", "concept_rank", "prompt_id"], kind="mergesort")
+        rows += [
+            (int(n), str(r.role), str(r.concept), str(r.prompt_id), str(r.prompt or ""))
+            for r in first.head(per_count).itertuples()
+        ]
+    return rows
+
+
+GRID_TILE, GRID_LABEL_W, GRID_HEAD_H, GRID_BLOCK_H = 96, 240, 24, 20
+
+
+def image_grid(
+    records: pd.DataFrame, caches: list[Cache], path: Path, per_count: int, order: list[str]
+) -> None:
+    """Prompts (rows) × methods (columns) at the first seed, a block of rows per concept count;
+    each row is labelled with its role and its prompt's text (``grid_rows``)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
-    images = records[records["image_key"] != ""]
-    if images.empty:
+    rows = grid_rows(records, order, per_count)
+    if not rows:
         return
-    n = images["n_concepts"].max()
-    images = images[(images["n_concepts"] == n) & (images["seed"] == images["seed"].min())]
+    images = records[(records["image_key"] != "") & (records["seed"] == records["seed"].min())]
     methods = sorted(images["method"].unique(), key=lambda m: (m != "none", m))
-    first = images.drop_duplicates("concept").sort_values(
-        ["role", "prompt_id"], ascending=[False, True]
-    )
-    prompt_ids = list(first["prompt_id"].head(n_prompts))
-    keys = images.drop_duplicates(["method", "prompt_id"]).set_index(["method", "prompt_id"])
-    tile, label_w, head_h = 96, 220, 24
+    keys = images.drop_duplicates(["method", "n_concepts", "prompt_id"]).set_index(
+        ["method", "n_concepts", "prompt_id"]
+    )["image_key"]
+    counts = sorted({n for n, *_ in rows})
+    tile = GRID_TILE
+    width = GRID_LABEL_W + tile * len(methods)
     grid = Image.new(
-        "RGB", (label_w + tile * len(methods), head_h + tile * len(prompt_ids)), "white"
+        "RGB", (width, GRID_HEAD_H + GRID_BLOCK_H * len(counts) + tile * len(rows)), "white"
     )
     draw = ImageDraw.Draw(grid)
     for j, method in enumerate(methods):
-        draw.text((label_w + j * tile + 4, 6), method, fill="black")
-    for i, pid in enumerate(prompt_ids):
-        draw.text((4, head_h + i * tile + tile // 2 - 6), pid[:34], fill="black")
-        for j, method in enumerate(methods):
-            if (method, pid) not in keys.index:
-                continue
-            key = keys.loc[(method, pid), "image_key"]
-            found = next(
-                (
-                    c.path("images", key, ".png")
-                    for c in caches
-                    if c.path("images", key, ".png").exists()
-                ),
-                None,
-            )
-            if found is None:
-                continue
-            try:
-                img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
-            except (OSError, SyntaxError):  # a damaged image: its tile stays blank
-                continue
-            grid.paste(img, (label_w + j * tile, head_h + i * tile))
+        draw.text((GRID_LABEL_W + j * tile + 4, 6), method[:15], fill="black")
+    y = GRID_HEAD_H
+    for n in counts:
+        draw.rectangle((0, y, width, y + GRID_BLOCK_H - 1), fill="#e8e8e8")
+        draw.text((4, y + 4), f"n_concepts={n}", fill="black")
+        y += GRID_BLOCK_H
+        for _, role, concept, prompt_id, prompt in [r for r in rows if r[0] == n]:
+            lines = [f"{ROLE_LABEL[role]}: {concept}", *textwrap.wrap(prompt or prompt_id, 38)]
+            draw.multiline_text((4, y + 6), "\n".join(lines[:6]), fill="black", spacing=2)
+            for j, method in enumerate(methods):
+                found = next(
+                    (
+                        c.path("images", keys[(method, n, prompt_id)], ".png")
+                        for c in caches
+                        if (method, n, prompt_id) in keys.index
+                        and c.path("images", keys[(method, n, prompt_id)], ".png").exists()
+                    ),
+                    None,
+                )
+                if found is None:
+                    continue
+                try:
+                    img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
+                except (OSError, SyntaxError):  # a damaged image: its tile stays blank
+                    continue
+                grid.paste(img, (GRID_LABEL_W + j * tile, y))
+            y += tile
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
@@ -552,9 +587,11 @@ def write_report(
     grid_prompts: int,
     reference: str = "none",
     weights: list[str] | None = None,
+    concepts: list[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``weights``: the fingerprints of the models the runs loaded, printed under the title so
-    that a report tells which build of a model (the mini world is retrained) it measured."""
+    that a report tells which build of a model (the mini world is retrained) it measured.
+    ``concepts``: the task's concept order (``concept_order``); by default the records'."""
     runs = fail_non_finite(records, runs)
     measured = records  # every value, failures included, goes into records.csv
     records = of_successful_jobs(records, runs)
@@ -627,7 +664,8 @@ def write_report(
         save_figure(metrics_figure(summary, methods), out_dir / PLOT)
     if TRADEOFF in figures:
         save_figure(tradeoff_figure(summary, methods), out_dir / TRADEOFF)
-    image_grid(records, caches, out_dir / GRID, grid_prompts)
+    order = concepts or list(dict.fromkeys(records["concept"]))
+    image_grid(records, caches, out_dir / GRID, grid_prompts, order)
     return summary, tests
 
 
@@ -661,6 +699,7 @@ def write_run(
         int(cfg.report.grid_prompts),
         str(cfg.reference),
         [inputs["model_weights"]],
+        concept_order(records, {str(out_dir): cfg}),
     )
     if details:
         lines = [json.dumps(d, sort_keys=True, default=str) for d in details]
@@ -700,7 +739,8 @@ def load_runs(
                 d / "records.csv",
                 RECORD_COLUMNS,
                 na_values=[""],
-                dtype={"prompt_id": str, "image_key": str},
+                dtype={"prompt_id": str, "prompt": str, "image_key": str},
+                added=ADDED_RECORD_COLUMNS,
             )
         )
         runs.append(read_run_table(d / "runs.csv", RUN_COLUMNS, na_values=[]))
@@ -719,9 +759,12 @@ def load_runs(
         [frame.assign(run_dir=str(d)) for d, frame in zip(dirs, records, strict=True)],
         ignore_index=True,
     )[[*RECORD_COLUMNS, "run_dir"]]
-    merged["image_key"] = merged["image_key"].fillna("")
-    key = [c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key")]
-    merged = merged.drop_duplicates(RECORD_COLUMNS)
+    merged[["image_key", "prompt"]] = merged[["image_key", "prompt"]].fillna("")
+    # a prompt's text is its id's: rows of an older run (no text) are the same rows
+    key = [
+        c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key", "prompt")
+    ]
+    merged = merged.drop_duplicates([*key, "value"])
     clash = merged[merged.duplicated(key, keep=False)]
     if len(clash):
         r = clash.iloc[0]
@@ -757,7 +800,7 @@ def protocol_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return shown + (f" and {len(keys) - 3} more keys" if len(keys) > 3 else "")
 
 
-def concept_order(records: pd.DataFrame, configs: dict[str, dict[str, Any]]) -> list[str]:
+def concept_order(records: pd.DataFrame, configs: dict[str, Any]) -> list[str]:
     """The concepts in their task's order (the task file's list, which the tables follow), then
     any concept no task file lists in the order the runs wrote them."""
     listed: list[str] = []
@@ -786,13 +829,19 @@ def run_directories(paths: list[Path]) -> list[Path]:
 INTEGER_COLUMNS = ("n_concepts", "seed")
 
 
-def read_run_table(path: Path, columns: list[str], **options: Any) -> pd.DataFrame:
+def read_run_table(
+    path: Path, columns: list[str], added: tuple[str, ...] = (), **options: Any
+) -> pd.DataFrame:
     """A run's CSV table with its columns and their types checked: a damaged or hand-edited file
-    ends in one line naming the file, the row and what is wrong, never in a pandas trace."""
+    ends in one line naming the file, the row and what is wrong, never in a pandas trace.
+    ``added``: columns newer than some runs, read as empty where a table lacks them."""
     try:
         frame = pd.read_csv(path, keep_default_na=False, **options)
     except (UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise FiaBenchError(f"{path}: not a readable CSV table ({str(err).strip()})") from err
+    for column in added:
+        if column not in frame.columns:
+            frame[column] = ""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise FiaBenchError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -852,7 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with records.csv)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--grid-prompts", type=int, default=4)
+    parser.add_argument(
+        "--grid-prompts", type=int, default=12, help="image grid rows per concept count"
+    )
     parser.add_argument("--reference", default="none")
     parser.add_argument(
         "--markdown",
@@ -867,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
         records, runs, caches, configs, weights = load_runs(run_directories(args.runs))
-        rank = {c: i for i, c in enumerate(concept_order(records, configs))}
+        order = concept_order(records, configs)
+        rank = {c: i for i, c in enumerate(order)}
         records = (
             records.assign(concept_rank=records["concept"].map(rank))
             .sort_values(
@@ -895,6 +947,7 @@ def main(argv: list[str] | None = None) -> int:
             args.grid_prompts,
             args.reference,
             weights,
+            order,
         )
         write_json(
             args.out / "manifest.json",

@@ -264,6 +264,10 @@ def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, caps
     (tmp_path / "b" / "records.csv").unlink()
     records.to_csv(tmp_path / "b" / "records.csv", index=False)
     assert main([*paths, "--out", str(tmp_path / "r")]) == 0
+    # records written before prompts were kept (no prompt column) still merge, rows once
+    records.drop(columns="prompt").to_csv(tmp_path / "b" / "records.csv", index=False)
+    assert main([*paths, "--out", str(tmp_path / "r")]) == 0
+    assert len(pd.read_csv(tmp_path / "r" / "records.csv")) == len(records)
 
 
 def summary_of(values: dict[tuple[str, str, str], tuple[float, float]]) -> pd.DataFrame:
@@ -428,3 +432,46 @@ def test_a_merged_report_keeps_the_tasks_concept_order(tmp_path) -> None:
     assert rows == ["english springer (retain)", "cassette player (retain)"]
     merged = pd.read_csv(tmp_path / "r" / "records.csv")
     assert list(merged["concept"].head(3)) == [c for c, _ in concepts]
+
+
+def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first(tmp_path) -> None:
+    from PIL import Image
+
+    from fia_bench.report import (
+        GRID_BLOCK_H,
+        GRID_HEAD_H,
+        GRID_LABEL_W,
+        GRID_TILE,
+        grid_rows,
+        image_grid,
+    )
+
+    order = ["tench", "english springer", "cassette player", "chain saw", "church", "gas pump"]
+    rows = []
+    for n in (1, 3):
+        for m in ("none", "uce"):
+            # prompt rows in reverse: the grid orders them itself
+            for i, concept in reversed(list(enumerate(order))):
+                role = "target" if i < n else "retain"
+                for k in range(2):
+                    rows.append(
+                        record(m, 0, f"{concept}-{k}", "accuracy", 0.0, concept, role)
+                        | {"n_concepts": n, "prompt": f"a photo {k} of a {concept}"}
+                        | {"image_key": f"{m}{n}{concept}{k}"}
+                    )
+    records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    layout = grid_rows(records, order, per_count=12)
+    assert [(n, role, concept) for n, role, concept, _, _ in layout] == [
+        (1, "target", "tench"),
+        *((1, "retain", c) for c in order[1:]),
+        *((3, "target", c) for c in order[:3]),
+        *((3, "retain", c) for c in order[3:]),
+    ]
+    assert layout[0][3:] == ("tench-0", "a photo 0 of a tench")
+    assert len(grid_rows(records, order, per_count=5)) == 10  # five per concept count
+    image_grid(records, [], tmp_path / "grid.png", 12, order)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (
+            GRID_LABEL_W + 2 * GRID_TILE,
+            GRID_HEAD_H + 2 * GRID_BLOCK_H + len(layout) * GRID_TILE,
+        )
