@@ -26,7 +26,13 @@ from fia_bench import stats
 from fia_bench.cache import read_json, write_text
 from fia_bench.composite import fia_overall, scapre_uq
 from fia_bench.errors import FiaBenchError
-from fia_bench.records import RUN_COLUMNS, check_one_build, registered_name, rule_labels
+from fia_bench.records import (
+    OLD_ROLES,
+    RUN_COLUMNS,
+    check_one_build,
+    registered_name,
+    rule_labels,
+)
 from fia_bench.report import markdown_table
 
 PAPER_TABLES = Path(__file__).resolve().parent.parent / "experiments" / "paper_tables"
@@ -74,6 +80,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             na_values=[""],
             dtype={"prompt_id": str, "image_key": str, "concept": str},
         )
+        records["role"] = records["role"].replace(OLD_ROLES)
         manifest = read_json(d / "manifest.json")
         jobs = (
             pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[])
@@ -122,7 +129,7 @@ METRIC_KEYS = {
     "lower",
     "higher",
 }
-ROLES = ("target", "retain", "quality", "all")
+ROLES = ("forget", "retain", "quality", "all")
 
 
 def check_recipe(recipe: Any) -> None:

@@ -48,6 +48,9 @@ RUN_COLUMNS = [
 ]
 JOB_KEYS = ["method", "n_concepts", "seed"]
 ADDED_RECORD_COLUMNS = ("prompt",)  # records written before these were added read them as ""
+# Roles are forget / retain / quality / all in every table; records written before the
+# vocabulary was one called the forget role "target", and are read with it renamed.
+OLD_ROLES = {"target": "forget"}
 
 
 def ids_digest(prompt_ids: Iterable[Any]) -> str:

@@ -31,6 +31,7 @@ from fia_bench.loggers import log_run
 from fia_bench.records import (
     ADDED_RECORD_COLUMNS,
     JOB_KEYS,
+    OLD_ROLES,
     RECORD_COLUMNS,
     RUN_COLUMNS,
     check_complete,
@@ -59,7 +60,6 @@ PACKAGES = (
     "safetensors",
 )
 COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
-ROLE_LABEL = {"target": "forget", "retain": "retain", "quality": "quality", "all": "all"}
 OVERALL = "**Overall (H)**"
 OVERALL_NOTE = (
     "Overall (H): FIA's overall score, the harmonic mean of the retain accuracy and 100 − the "
@@ -126,10 +126,10 @@ def concept_tables(
     for (n, evaluator, metric), frame in units.groupby(["n_concepts", "evaluator", "metric"]):
         per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(SEED_STATS)
         order = {c: i for i, c in enumerate(records["concept"].unique())}  # the task's order
-        targets = sorted(frame.loc[frame["role"] == "target", "concept"].unique(), key=order.get)
+        forgotten = sorted(frame.loc[frame["role"] == "forget", "concept"].unique(), key=order.get)
         retained = sorted(frame.loc[frame["role"] == "retain", "concept"].unique(), key=order.get)
         rows = []
-        for role, concepts in (("target", targets), ("retain", retained)):
+        for role, concepts in (("forget", forgotten), ("retain", retained)):
             for concept in concepts:
                 cells = []
                 for m in methods:
@@ -137,7 +137,7 @@ def concept_tables(
                     cells.append(
                         cell(*per_concept.loc[key], planned[n]) if key in per_concept.index else "—"
                     )
-                rows.append([f"{concept} ({ROLE_LABEL[role]})", *cells])
+                rows.append([f"{concept} ({role})", *cells])
         seeds = stats.seed_values(
             records[
                 (records["n_concepts"] == n)
@@ -145,22 +145,22 @@ def concept_tables(
                 & (records["metric"] == metric)
             ]
         )
-        for role in ("target", "retain"):
+        for role in ("forget", "retain"):
             avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(SEED_STATS)
             if not avg.empty:
                 rows.append(
                     [
-                        f"**Avg {ROLE_LABEL[role]}**",
+                        f"**Avg {role}**",
                         *(
                             cell(*avg.loc[m], planned[n]) if m in avg.index else "—"
                             for m in methods
                         ),
                     ]
                 )
-        if metric == "accuracy" and {"target", "retain"} <= set(seeds["role"]):
+        if metric == "accuracy" and {"forget", "retain"} <= set(seeds["role"]):
             # FIA's overall score, per seed from that seed's averages, then over seeds
             wide = seeds.pivot_table(index=["method", "seed"], columns="role", values="value")
-            overall = pd.Series(fia_overall(wide["target"], wide["retain"]), index=wide.index)
+            overall = pd.Series(fia_overall(wide["forget"], wide["retain"]), index=wide.index)
             agg = overall.groupby("method").agg(SEED_STATS)
             rows.append(
                 [
@@ -224,7 +224,7 @@ def summary_rows(
             shown_method(r.method, r.n_concepts, labels),
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
-            ROLE_LABEL[r.role],
+            r.role,
             stats.format_mean_std(r.mean, r.std),
             str(r.n_seeds),
             str(r.n_samples),
@@ -257,7 +257,7 @@ def test_rows(tests: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         [
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
-            ROLE_LABEL[r.role],
+            r.role,
             f"{r.method_a} vs {r.method_b}",
             str(r.n_pairs),
             num(r.mean_diff, ".3f"),
@@ -345,7 +345,7 @@ def clipped_errors(mean: pd.Series, std: pd.Series, metric: str) -> np.ndarray:
     return np.vstack([np.minimum(std, mean - low), np.minimum(std, high - mean)]).clip(min=0)
 
 
-ROLE_ORDER = ("target", "retain", "quality", "all")  # forget panels first
+ROLE_ORDER = ("forget", "retain", "quality", "all")  # forget panels first
 
 
 def ordered_roles(roles: Any) -> list[str]:
@@ -404,7 +404,7 @@ def metrics_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
                     label=method,
                 )
             ax.set_xticks(sorted(frame["n_concepts"].unique()))
-            ax.set_title(f"{evaluator}/{metric} ({ROLE_LABEL[role]})", fontsize=9)
+            ax.set_title(f"{evaluator}/{metric} ({role})", fontsize=9)
             ax.set_xlabel("concepts erased")
             ax.set_ylabel(metric_scale(metric)[0], fontsize=8)
             ax.legend(fontsize=7)
@@ -421,13 +421,13 @@ def tradeoff_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
     """Forget against retain, one panel per (n_concepts, evaluator/metric) measured on both,
     one labelled point per method and setting with its std over seeds on both axes."""
     plt = pyplot()
-    wide = summary[summary["role"].isin(["target", "retain"])].pivot_table(
+    wide = summary[summary["role"].isin(["forget", "retain"])].pivot_table(
         index=["n_concepts", "evaluator", "metric", "method"],
         columns="role",
         values=["mean", "std"],
         dropna=False,
     )
-    wide = wide.dropna(subset=[("mean", "target"), ("mean", "retain")])
+    wide = wide.dropna(subset=[("mean", "forget"), ("mean", "retain")])
     panels = list(wide.groupby(level=["n_concepts", "evaluator", "metric"]))
     markers = method_markers(methods)
     cols = max(1, min(3, len(panels)))
@@ -437,11 +437,11 @@ def tradeoff_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
         frame = frame.droplevel(["n_concepts", "evaluator", "metric"])
         for method in [m for m in methods if m in frame.index]:
             row = frame.loc[[method]]
-            x, y = row[("mean", "target")], row[("mean", "retain")]
+            x, y = row[("mean", "forget")], row[("mean", "retain")]
             ax.errorbar(
                 x,
                 y,
-                xerr=clipped_errors(x, row[("std", "target")], metric),
+                xerr=clipped_errors(x, row[("std", "forget")], metric),
                 yerr=clipped_errors(y, row[("std", "retain")], metric),
                 marker=markers[method],
                 color=method_colour(method),
@@ -470,12 +470,12 @@ GridRow = tuple[int, str, str, str, str]  # (n_concepts, role, concept, prompt_i
 def grid_rows(records: pd.DataFrame, order: list[str], per_count: int) -> list[GridRow]:
     """The grid's rows: for every concept count, the first prompt of each concept, forget
     concepts first, then retain (each in the task's ``order``), at most ``per_count`` of them."""
-    images = records[(records["image_key"] != "") & records["role"].isin(["target", "retain"])]
+    images = records[(records["image_key"] != "") & records["role"].isin(["forget", "retain"])]
     rank = {c: i for i, c in enumerate(order)}
     rows: list[GridRow] = []
     for n, frame in images.groupby("n_concepts", sort=True):
         first = frame.drop_duplicates("concept").assign(
-            role_rank=frame["role"].map({"target": 0, "retain": 1}),
+            role_rank=frame["role"].map({"forget": 0, "retain": 1}),
             concept_rank=frame["concept"].map(lambda c: rank.get(c, len(rank))),
         )
         first = first.sort_values(["role_rank", "concept_rank", "prompt_id"], kind="mergesort")
@@ -521,7 +521,7 @@ def image_grid(
         draw.text((4, y + 4), f"n_concepts={n}", fill="black")
         y += GRID_BLOCK_H
         for _, role, concept, prompt_id, prompt in [r for r in rows if r[0] == n]:
-            lines = [f"{ROLE_LABEL[role]}: {concept}", *textwrap.wrap(prompt or prompt_id, 38)]
+            lines = [f"{role}: {concept}", *textwrap.wrap(prompt or prompt_id, 38)]
             draw.multiline_text((4, y + 6), "\n".join(lines[:6]), fill="black", spacing=2)
             for j, method in enumerate(methods):
                 found = next(
@@ -760,6 +760,7 @@ def load_runs(
         ignore_index=True,
     )[[*RECORD_COLUMNS, "run_dir"]]
     merged[["image_key", "prompt"]] = merged[["image_key", "prompt"]].fillna("")
+    merged["role"] = merged["role"].replace(OLD_ROLES)
     # a prompt's text is its id's: rows of an older run (no text) are the same rows
     key = [
         c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key", "prompt")

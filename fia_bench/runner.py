@@ -251,7 +251,7 @@ def run_job(
             evaluate(stages, job, prompts, name, ev, provenance, out)
             for name, ev in evaluators.items()
         ]
-        targets = prompts[prompts["role"] == "target"]
+        targets = prompts[prompts["role"] == "forget"]
         declared += [
             run_attack(stages, job, erased, targets, name, attack, provenance, out)
             for name, attack in attacks.items()
@@ -387,7 +387,7 @@ def run_attack(
             "prompt": [p.prompt for p in adversarial],
             "evaluation_seed": [p.seed for p in adversarial],
             "concept": [p.concept for p in adversarial],
-            "role": "target",
+            "role": "forget",
         }
     )
     rows = with_images(stages, erased, rows, list(rows["evaluation_seed"]))
@@ -412,7 +412,7 @@ def run_attack(
             "n_concepts": job.n_concepts,
             "seed": job.seed,
             "concept": by_case.loc[case, "concept"],
-            "role": "target",
+            "role": "forget",
             "prompt_id": case,
             "prompt": by_case.loc[case, "prompt"],
             "evaluator": name,

@@ -454,7 +454,7 @@ class Stages:
                 "case_id": [str(i) for i in range(len(prompts))],
                 "prompt": prompts,
                 "concept": concepts,
-                "role": "target",
+                "role": "forget",
                 "generation_seed": seeds,
                 "image_key": keys,
             }

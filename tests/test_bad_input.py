@@ -211,7 +211,7 @@ def write_run(folder: Path, prompts: tuple[str, ...] = ("p0", "p1")) -> Path:
                         "n_concepts": 1,
                         "seed": seed,
                         "concept": "tench",
-                        "role": "target",
+                        "role": "forget",
                         "prompt_id": prompt_id,
                         "evaluator": "clip_accuracy",
                         "metric": "accuracy",

@@ -36,7 +36,7 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
     records = pd.read_csv(tmp_path / "a" / "records.csv")
     # one row per (n, seed, prompt, metric): 2 n x 2 seeds x 20 prompts x 2 metrics
     assert len(records) == 2 * 2 * 20 * 2
-    assert set(records["role"]) == {"target", "retain"}
+    assert set(records["role"]) == {"forget", "retain"}
     assert records["protocol"].str.len().min() > 0
     # the report names the judge's and the model's weights: a retrained model shows in it
     report = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ def record(
     metric: str,
     value: float,
     concept: str = "nudity",
-    role: str = "target",
+    role: str = "forget",
 ) -> dict:
     return dict.fromkeys(RECORD_COLUMNS, "") | {
         "method": method,
@@ -68,9 +68,9 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
 def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
     # seed 0: forget 0, retain 100 -> H 100; seed 1: forget 50, retain 50 -> H 50
     rows = [
-        record("m", 0, "t", "accuracy", 0.0, "a", "target"),
+        record("m", 0, "t", "accuracy", 0.0, "a", "forget"),
         record("m", 0, "r", "accuracy", 100.0, "b", "retain"),
-        record("m", 1, "t", "accuracy", 50.0, "a", "target"),
+        record("m", 1, "t", "accuracy", 50.0, "a", "forget"),
         record("m", 1, "r", "accuracy", 50.0, "b", "retain"),
     ]
     [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"], {1: 2})
@@ -123,7 +123,7 @@ def test_single_concept_fia_columns_name_the_fusion_rule_they_used() -> None:
                 "n_concepts": 1,
                 "evaluator": "detector",
                 "metric": "nude",
-                "role": "target",
+                "role": "forget",
                 "mean": 1.0,
                 "std": 0.0,
                 "n_seeds": 2,
@@ -142,7 +142,7 @@ def job_rows(
 
     records = pd.DataFrame(
         [
-            record(m, s, f"p{i}", "accuracy", v, "tench", "target")
+            record(m, s, f"p{i}", "accuracy", v, "tench", "forget")
             for (m, s), vs in values.items()
             for i, v in enumerate(vs)
         ],
@@ -264,10 +264,12 @@ def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, caps
     (tmp_path / "b" / "records.csv").unlink()
     records.to_csv(tmp_path / "b" / "records.csv", index=False)
     assert main([*paths, "--out", str(tmp_path / "r")]) == 0
-    # records written before prompts were kept (no prompt column) still merge, rows once
-    records.drop(columns="prompt").to_csv(tmp_path / "b" / "records.csv", index=False)
+    # older records (no prompt column, the forget role called "target") merge, rows once
+    older = records.drop(columns="prompt").replace({"role": {"forget": "target"}})
+    older.to_csv(tmp_path / "b" / "records.csv", index=False)
     assert main([*paths, "--out", str(tmp_path / "r")]) == 0
-    assert len(pd.read_csv(tmp_path / "r" / "records.csv")) == len(records)
+    merged = pd.read_csv(tmp_path / "r" / "records.csv")
+    assert len(merged) == len(records) and set(merged["role"]) == {"forget"}
 
 
 def summary_of(values: dict[tuple[str, str, str], tuple[float, float]]) -> pd.DataFrame:
@@ -303,7 +305,7 @@ def test_figures_read_at_a_glance(tmp_path) -> None:
         (m, metric, role): (95.0 - 10 * i, 20.0)
         for i, m in enumerate(methods)
         for metric in ("accuracy", "clip_score")
-        for role in ("retain", "target")
+        for role in ("retain", "forget")
     }
     fig = metrics_figure(summary_of(values), methods)
     axes = fig.axes
@@ -325,7 +327,7 @@ def test_figures_read_at_a_glance(tmp_path) -> None:
             assert 0 <= low < high <= 100  # none: 95 ± 20 stops at 100
         assert bars["none"].lines[2][0].get_segments()[0][1, 1] == 100
     # the same colour in another report with other methods
-    other = metrics_figure(summary_of({("uce", "accuracy", "target"): (5.0, 9.0)}), ["uce"])
+    other = metrics_figure(summary_of({("uce", "accuracy", "forget"): (5.0, 9.0)}), ["uce"])
     bar = other.axes[0].containers[0]
     assert to_hex(bar.lines[0].get_color()) == METHOD_COLOURS["uce"]
     assert bar.lines[2][0].get_segments()[0][0, 1] == 0  # 5 ± 9 stops at 0
@@ -344,7 +346,7 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
     import re
 
     from fia_bench.records import declared
-    from fia_bench.report import OVERALL_NOTE, ROLE_LABEL, write_report
+    from fia_bench.report import OVERALL_NOTE, write_report
 
     # uce equals none on the retain concept (zero differences), differs on the forget concept
     values = {("none", s): (80.0, 90.0) for s in range(3)}
@@ -354,7 +356,7 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
             record(m, s, p, "accuracy", v, c, role)
             for (m, s), (forget, kept) in values.items()
             for p, v, c, role in (
-                ("p0", forget, "tench", "target"),
+                ("p0", forget, "tench", "forget"),
                 ("p1", kept, "church", "retain"),
             )
         ],
@@ -382,8 +384,7 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
     warned = tests[tests["warning"] != ""]
     assert len(warned) == 2
     for row in warned.itertuples():
-        role = ROLE_LABEL[row.role]
-        shown = re.search(rf"\| {role} \| uce vs none \| (\d+) \|", report)
+        shown = re.search(rf"\| {row.role} \| uce vs none \| (\d+) \|", report)
         assert shown and int(shown.group(1)) == row.n_pairs
         if row.n_nonzero:
             assert row.warning.startswith(f"{row.n_nonzero} of {row.n_pairs} pairs differ")
@@ -396,7 +397,7 @@ def test_a_merged_report_keeps_the_tasks_concept_order(tmp_path) -> None:
     from fia_bench.records import declared
     from fia_bench.report import main
 
-    concepts = [("tench", "target"), ("english springer", "retain"), ("cassette player", "retain")]
+    concepts = [("tench", "forget"), ("english springer", "retain"), ("cassette player", "retain")]
     ids = ["z-tench", "y-springer", "x-cassette"]
     dirs = []
     for seed in (0, 1):
@@ -452,7 +453,7 @@ def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first
         for m in ("none", "uce"):
             # prompt rows in reverse: the grid orders them itself
             for i, concept in reversed(list(enumerate(order))):
-                role = "target" if i < n else "retain"
+                role = "forget" if i < n else "retain"
                 for k in range(2):
                     rows.append(
                         record(m, 0, f"{concept}-{k}", "accuracy", 0.0, concept, role)
@@ -462,9 +463,9 @@ def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
     layout = grid_rows(records, order, per_count=12)
     assert [(n, role, concept) for n, role, concept, _, _ in layout] == [
-        (1, "target", "tench"),
+        (1, "forget", "tench"),
         *((1, "retain", c) for c in order[1:]),
-        *((3, "target", c) for c in order[:3]),
+        *((3, "forget", c) for c in order[:3]),
         *((3, "retain", c) for c in order[3:]),
     ]
     assert layout[0][3:] == ("tench-0", "a photo 0 of a tench")
