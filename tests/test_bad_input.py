@@ -61,7 +61,7 @@ CLI_CASES = [
     (["seeds=${oc.env:FIA_BENCH_NO_SUCH_VARIABLE}"], "FIA_BENCH_NO_SUCH_VARIABLE"),
     (["model.resolution=abc"], "model.resolution='abc': must be an integer >= 8"),
     (["model.weights=maybe"], "unknown model.weights 'maybe'"),
-    (["+evaluator.clip_accuracy.roles=[forget]"], "unknown evaluator.clip_accuracy.roles[0]"),
+    (["+evaluator.clip_accuracy.roles=[target]"], "unknown evaluator.clip_accuracy.roles[0]"),
     # devices and folders
     (["device=gpu"], "device='gpu': valid devices are cpu, cuda and cuda:N"),
     (["device=cuda:x"], "valid devices are cpu, cuda and cuda:N"),

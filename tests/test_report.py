@@ -138,8 +138,6 @@ def job_rows(
     values: dict[tuple[str, int], tuple[float, float]],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """records and runs of jobs (method, seed) → (value of prompt p0, value of prompt p1)."""
-    from fia_bench.records import RUN_COLUMNS, declared
-
     records = pd.DataFrame(
         [
             record(m, s, f"p{i}", "accuracy", v, "tench", "forget")
@@ -148,7 +146,15 @@ def job_rows(
         ],
         columns=RECORD_COLUMNS,
     )
-    runs = pd.DataFrame(
+    return records, ok_runs(values, ["p0", "p1"])
+
+
+def ok_runs(jobs, prompt_ids: list[str]) -> pd.DataFrame:
+    """runs.csv of successful jobs (method, seed) at n_concepts=1, each declaring
+    detector/accuracy on these prompts."""
+    from fia_bench.records import declared
+
+    return pd.DataFrame(
         [
             dict.fromkeys(RUN_COLUMNS, "")
             | {
@@ -156,13 +162,12 @@ def job_rows(
                 "n_concepts": 1,
                 "seed": s,
                 "status": "ok",
-                "metrics": declared("detector/accuracy", ["p0", "p1"]),
+                "metrics": declared("detector/accuracy", prompt_ids),
             }
-            for m, s in values
+            for m, s in jobs
         ],
         columns=RUN_COLUMNS,
     )
-    return records, runs
 
 
 def test_a_non_finite_score_fails_its_job_by_name_and_cells_say_their_seeds(tmp_path) -> None:
@@ -345,7 +350,6 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
 ) -> None:
     import re
 
-    from fia_bench.records import declared
     from fia_bench.report import OVERALL_NOTE, write_report
 
     # uce equals none on the retain concept (zero differences), differs on the forget concept
@@ -362,20 +366,7 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
         ],
         columns=RECORD_COLUMNS,
     )
-    runs = pd.DataFrame(
-        [
-            dict.fromkeys(RUN_COLUMNS, "")
-            | {
-                "method": m,
-                "n_concepts": 1,
-                "seed": s,
-                "status": "ok",
-                "metrics": declared("detector/accuracy", ["p0", "p1"]),
-            }
-            for m, s in values
-        ],
-        columns=RUN_COLUMNS,
-    )
+    runs = ok_runs(values, ["p0", "p1"])
     _, tests = write_report(tmp_path, records, runs, [], 0.05, 0)
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     table_end = report.index("| **Overall (H)** |")
@@ -394,7 +385,6 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
 def test_a_merged_report_keeps_the_tasks_concept_order(tmp_path) -> None:
     """The tiny objects task lists tench, english springer, cassette player, chain saw; prompt
     ids that sort the other way round must not reorder the merged tables."""
-    from fia_bench.records import declared
     from fia_bench.report import main
 
     concepts = [("tench", "forget"), ("english springer", "retain"), ("cassette player", "retain")]
@@ -409,20 +399,7 @@ def test_a_merged_report_keeps_the_tasks_concept_order(tmp_path) -> None:
             ],
             columns=RECORD_COLUMNS,
         )
-        runs = pd.DataFrame(
-            [
-                dict.fromkeys(RUN_COLUMNS, "")
-                | {
-                    "method": m,
-                    "n_concepts": 1,
-                    "seed": seed,
-                    "status": "ok",
-                    "metrics": declared("detector/accuracy", ids),
-                }
-                for m in ("none", "uce")
-            ],
-            columns=RUN_COLUMNS,
-        )
+        runs = ok_runs([("none", seed), ("uce", seed)], ids)
         dirs.append(tmp_path / f"seed{seed}")
         write_run_dir(dirs[-1], records, runs)
     assert main([*map(str, dirs), "--out", str(tmp_path / "r")]) == 0
