@@ -336,7 +336,7 @@ def test_an_unforeseen_error_is_one_line_naming_its_trace(
 
     from fia_bench import cli
 
-    def broken(cfg: object) -> None:
+    def broken(cfg: object, preset: str | None = None) -> None:
         raise RuntimeError("something nobody foresaw\nsecond line")
 
     monkeypatch.setattr(runner, "run", broken)
