@@ -68,6 +68,6 @@ class I2P(PromptDataset):
                 "prompt": frame["prompt"].astype(str),
                 "evaluation_seed": seeds.astype(int).to_numpy(),
                 "concept": targets[0],
-                "role": "target",
+                "role": "forget",
             }
         )[list(PROMPT_COLUMNS)].reset_index(drop=True)

@@ -73,7 +73,7 @@ class PromptCsv(PromptDataset):
     def rows(self, task: Task, targets: tuple[str, ...], retain: tuple[str, ...]) -> pd.DataFrame:
         frame = read_prompt_file(self.path)
         parts = []
-        for role, concepts in (("target", targets), ("retain", retain)):
+        for role, concepts in (("forget", targets), ("retain", retain)):
             for concept in concepts:
                 part = frame[frame["concept"] == concept]
                 if self.limit_per_concept is not None:

@@ -25,7 +25,7 @@ class TemplatePrompts(PromptDataset):
 
     def rows(self, task: Task, targets: tuple[str, ...], retain: tuple[str, ...]) -> pd.DataFrame:
         records = []
-        for role, concepts in (("target", targets), ("retain", retain)):
+        for role, concepts in (("forget", targets), ("retain", retain)):
             for concept in concepts:
                 for i in range(self.per_concept):
                     template = task.templates[i % len(task.templates)]

@@ -76,4 +76,6 @@ def run(
     cfg = compose(overrides)
     with open_dict(cfg):
         cfg.out_dir = out_dir or "outputs/python"
-    return run_config(cfg, method, pipeline)
+    presets = [o.partition("=")[2] for o in overrides or [] if o.partition("=")[0] == "preset"]
+    preset = presets[-1] if presets and presets[-1] != "null" else None
+    return run_config(cfg, method, pipeline, preset)

@@ -170,7 +170,8 @@ class Evaluator:
 
 
 class PromptDataset:
-    """Turns a task and a target/retain split into prompt rows (``PROMPT_COLUMNS``).
+    """Turns a task and a forget/retain split into prompt rows (``PROMPT_COLUMNS``; ``role`` is
+    ``forget``, ``retain`` or ``quality``).
 
     ``cache`` is set by the harness before ``rows`` is called: where fetched files are kept.
     ``SETTINGS`` declares the keyword arguments it takes.

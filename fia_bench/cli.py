@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from fia_bench.errors import FiaBenchError, crash_line, unknown_choice
 from fia_bench.plugins import (
     SEARCHPATH,
+    ConfigSource,
     config_sources,
     group_options,
     refuse_code,
@@ -40,10 +41,12 @@ from fia_bench.resources import config_dir
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from fia_bench.runner import run
 
     try:
-        result = run(cfg)
+        result = run(cfg, preset=HydraConfig.get().runtime.choices.get("preset"))
     except FiaBenchError as err:
         print(f"fia_bench: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -147,6 +150,67 @@ def check_overrides(argv: list[str]) -> None:
             )
 
 
+# the groups a user picks from (preset_caps, task_prompts, and the recipes' building blocks
+# experiment/arm and experiment/parts are pulled in by other configs); --help lists their options
+USER_GROUPS = {
+    "model": "the world: the mini world, Stable Diffusion, or tiny random weights for tests",
+    "method": "the unlearning method (none: the unedited model, the reference)",
+    "task": "ordered concept list and prompts: the first n_concepts are erased",
+    "evaluator": "one or several: evaluator=[clip_accuracy,clip_score]",
+    "attack": "red-team attacks on the erased model: attack=[prompt_replay]",
+    "sampler": "scheduler, steps and guidance of generation",
+    "logger": "where results go besides the run directory's files",
+    "preset": "preset=smoke: the smallest meaningful run of any method",
+    "experiment": "paper-table recipes (their plan: -m experiment=<recipe> --dry-run)",
+}
+INTERNAL_GROUPS = ("experiment/arm", "experiment/parts")
+HELP_KEYS = (
+    "seeds=N or [0,3,7]  n_concepts=N or [1,5,10]  concepts=[a,b]  reference=none\n"
+    "  seed_policy=erase_and_generate|erase  device=cpu|cuda  precision=fp32|fp16|bf16\n"
+    "  out_dir=DIR  cache_dir=DIR  method.settings.<key>=VALUE (each method's own settings)"
+)
+
+
+def user_options(sources: list[ConfigSource], group: str) -> list[str]:
+    """A group's options over every config source, less the recipe building blocks."""
+    return [
+        name
+        for name in group_options(sources, group) or []
+        if not any(f"{group}/{name}".startswith(f"{i}/") for i in INTERNAL_GROUPS)
+    ]
+
+
+def help_text() -> str:
+    """``--help``: the project, how to call it, and the config groups a user picks from."""
+    import textwrap
+
+    sources = config_sources(sys.argv[1:])
+    lines = [
+        "fia_bench: a reproducible benchmark harness for concept unlearning in text-to-image "
+        "diffusion models",
+        "",
+        "usage: python -m fia_bench [-m] [--dry-run] [group=option ...] [key=value ...]",
+        "       (fia-bench is the same command; -m sweeps comma-separated values)",
+        "",
+        "config groups (group=option):",
+    ]
+    for group, what in USER_GROUPS.items():
+        options = ", ".join(user_options(sources, group))
+        lines += [f"  {group}: {what}"]
+        lines += textwrap.wrap(options, 96, initial_indent="      ", subsequent_indent="      ")
+    lines += [
+        "",
+        "keys:",
+        f"  {HELP_KEYS}",
+        "",
+        "merge runs: python -m fia_bench.report <run or sweep dirs>/* --out DIR",
+        "also: python -m fia_bench.compare (paper tables), .export (erased model out), "
+        ".explicit (detections under each paper's rule)",
+        "the composed config: --cfg job; Hydra's own flags: --hydra-help; README.md explains all",
+    ]
+    return "\n".join(lines)
+
+
 DRY_RUN = "--dry-run"
 MULTIRUN = ("-m", "--multirun")
 
@@ -166,6 +230,9 @@ PLUGINS = "plugins"
 def main() -> None:
     sys.argv[1:] = run_dir_from_out_dir(sys.argv[1:])
     argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
     if DRY_RUN in argv:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before any hub import: a plan never downloads
     try:

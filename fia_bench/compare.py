@@ -26,7 +26,13 @@ from fia_bench import stats
 from fia_bench.cache import read_json, write_text
 from fia_bench.composite import fia_overall, scapre_uq
 from fia_bench.errors import FiaBenchError
-from fia_bench.records import RUN_COLUMNS, check_one_build, rule_labels
+from fia_bench.records import (
+    OLD_ROLES,
+    RUN_COLUMNS,
+    check_one_build,
+    registered_name,
+    rule_labels,
+)
 from fia_bench.report import markdown_table
 from fia_bench.resources import shipped
 
@@ -75,6 +81,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             na_values=[""],
             dtype={"prompt_id": str, "image_key": str, "concept": str},
         )
+        records["role"] = records["role"].replace(OLD_ROLES)
         manifest = read_json(d / "manifest.json")
         jobs = (
             pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[])
@@ -123,7 +130,7 @@ METRIC_KEYS = {
     "lower",
     "higher",
 }
-ROLES = ("target", "retain", "quality", "all")
+ROLES = ("forget", "retain", "quality", "all")
 
 
 def check_recipe(recipe: Any) -> None:
@@ -222,7 +229,10 @@ def row_records(row: Row, runs: list[Run]) -> pd.DataFrame | None:
     if found is None:
         return None
     records = found.records
-    records = records[records["method"] == row.method]
+    # a run's own method is named by its label (fia[alpha=0.1]); the reference by its name
+    own = found.config["method"]["name"] == row.method != str(found.config.get("reference"))
+    named = records["method"].map(registered_name) if own else records["method"]
+    records = records[named == row.method]
     if row.n_concepts is not None:
         records = records[records["n_concepts"] == int(row.n_concepts)]
     counts = sorted(records["n_concepts"].unique())
@@ -239,7 +249,8 @@ def row_label(row: Row, runs: list[Run]) -> str:
     found, records = row_run(row, runs), row_records(row, runs)
     if found is None or records is None or records.empty:
         return row.label
-    rule = rule_labels(found.jobs).get((row.method, int(records["n_concepts"].iloc[0])))
+    method = str(records["method"].iloc[0])
+    rule = rule_labels(found.jobs).get((method, int(records["n_concepts"].iloc[0])))
     return f"{row.label} [{rule}]" if rule else row.label
 
 

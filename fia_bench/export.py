@@ -19,7 +19,7 @@ from fia_bench import artifacts
 from fia_bench.api import Method
 from fia_bench.cache import Cache, read_json
 from fia_bench.errors import FiaBenchError
-from fia_bench.models import load_model
+from fia_bench.models import load_model, quiet_loading
 from fia_bench.registry import METHODS
 from fia_bench.tasks import world_vocabulary
 
@@ -78,6 +78,7 @@ def export(
             f"used {manifest['inputs']['model_weights'][:12]}: its base model changed since"
         )
     artifacts.apply(model.pipe, delta)
+    quiet_loading()
     model.pipe.save_pretrained(out, safe_serialization=True)
     return out
 

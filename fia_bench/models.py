@@ -194,15 +194,26 @@ def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any):
     )
 
 
+def quiet_loading() -> None:
+    """diffusers' and transformers' per-component loading and saving bars say nothing the run's
+    own progress lines do not, and fill log files; they are switched off."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def pretrained_pipeline(source: str, revision: str | None, dtype: torch.dtype):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    quiet_loading()
     local = Path(source).expanduser()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local) if local.exists() else source,
             revision=None if local.exists() else revision,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
         )

@@ -338,7 +338,7 @@ class Planner:
                         f"task.{key}: {err}; pin task.{key}.settings.limit to plan without it"
                     ) from err
                 notes.append(f"task.{key}: file not cached, counted as its limit ({limit} rows)")
-                role = "quality" if key == "quality" else "target"
+                role = "quality" if key == "quality" else "forget"
                 rows = pd.DataFrame(
                     {
                         "case_id": [f"{key}-{i}" for i in range(int(limit))],
@@ -495,7 +495,7 @@ class Planner:
 
     @staticmethod
     def count_attacks(job: JobPlan, cfg: DictConfig, rows: pd.DataFrame) -> None:
-        targets = int((rows["role"] == "target").sum())
+        targets = int((rows["role"] == "forget").sum())
         for name, node in sorted((cfg.get("attack") or {}).items()):
             limit = (plain(node.get("settings")) or {}).get("limit")
             prompts = min(targets, int(limit)) if limit else targets

@@ -20,6 +20,7 @@ RECORD_COLUMNS = [
     "concept",
     "role",
     "prompt_id",
+    "prompt",
     "evaluator",
     "metric",
     "value",
@@ -46,6 +47,10 @@ RUN_COLUMNS = [
     "info",
 ]
 JOB_KEYS = ["method", "n_concepts", "seed"]
+ADDED_RECORD_COLUMNS = ("prompt",)  # records written before these were added read them as ""
+# Roles are forget / retain / quality / all in every table; records written before the
+# vocabulary was one called the forget role "target", and are read with it renamed.
+OLD_ROLES = {"target": "forget"}
 
 
 def ids_digest(prompt_ids: Iterable[Any]) -> str:
@@ -148,6 +153,48 @@ def rule_labels(runs: pd.DataFrame) -> dict[tuple[str, int], str]:
         if rule:
             rules.setdefault((str(job.method), int(job.n_concepts)), set()).add(str(rule))
     return {key: " / ".join(sorted(found)) for key, found in rules.items()}
+
+
+def setting_text(value: Any) -> str:
+    """A setting's value as a label shows it: as typed on a command line (``lr=1e-05``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(setting_text(v) for v in value) + "]"
+    return str(value)
+
+
+def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, the way the command line names them."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def method_label(name: str, settings: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """A method as the records name it: ``uce`` at its defaults, ``uce[lamb=0.1]`` where a
+    setting differs, so that runs of one method at several settings (a sweep) are distinct
+    methods in every table, CSV and plot. Only changed settings are listed, in the order of the
+    method's config (then added keys, sorted)."""
+    ours, base = flat_settings(settings), flat_settings(defaults)
+    order = [*base, *sorted(set(ours) - set(base))]
+    changed = [
+        f"{k}={setting_text(ours[k])}" for k in order if k in ours and ours[k] != base.get(k)
+    ]
+    return f"{name}[{','.join(changed)}]" if changed else name
+
+
+def registered_name(method: str) -> str:
+    """The registry name of a method as the records name it (``uce[lamb=0.1]`` → ``uce``)."""
+    return method.partition("[")[0]
 
 
 def shown_method(method: str, n_concepts: int, labels: dict[tuple[str, int], str]) -> str:

@@ -8,6 +8,7 @@ byte-identical tables; timings live only in ``manifest.json``."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -24,20 +25,27 @@ import pandas as pd
 from fia_bench import stats
 from fia_bench.cache import Cache, atomic_write, read_json, write_json, write_text
 from fia_bench.composite import fia_overall
+from fia_bench.detection import FLAGGED
 from fia_bench.errors import FiaBenchError, crash_line
 from fia_bench.loggers import log_run
 from fia_bench.records import (
+    ADDED_RECORD_COLUMNS,
     JOB_KEYS,
+    OLD_ROLES,
     RECORD_COLUMNS,
     RUN_COLUMNS,
     check_complete,
     check_one_build,
     fail_non_finite,
+    flat_settings,
     of_successful_jobs,
+    registered_name,
     rule_labels,
+    setting_text,
     shown_method,
 )
 from fia_bench.resources import checkout_root
+from fia_bench.tasks import load_task
 
 PACKAGES = (
     "fia_bench",
@@ -53,7 +61,12 @@ PACKAGES = (
     "safetensors",
 )
 COUNT = "count/"  # per-image detection counts of one class, e.g. count/FEMALE_BREAST_EXPOSED
-ROLE_LABEL = {"target": "forget", "retain": "retain", "quality": "quality", "all": "all"}
+OVERALL = "**Overall (H)**"
+OVERALL_NOTE = (
+    "Overall (H): FIA's overall score, the harmonic mean of the retain accuracy and 100 − the "
+    "forget accuracy, 2·R·(100 − F) / (R + 100 − F), per seed from that seed's averages, then "
+    "mean ± std over seeds; 100 is every forget concept gone and every retain concept kept."
+)
 SEED_STATS = ["mean", "std", "count"]  # over seeds: a cell's value, spread and seed count
 
 
@@ -114,10 +127,10 @@ def concept_tables(
     for (n, evaluator, metric), frame in units.groupby(["n_concepts", "evaluator", "metric"]):
         per_concept = frame.groupby(["method", "concept", "role"])["value"].agg(SEED_STATS)
         order = {c: i for i, c in enumerate(records["concept"].unique())}  # the task's order
-        targets = sorted(frame.loc[frame["role"] == "target", "concept"].unique(), key=order.get)
+        forgotten = sorted(frame.loc[frame["role"] == "forget", "concept"].unique(), key=order.get)
         retained = sorted(frame.loc[frame["role"] == "retain", "concept"].unique(), key=order.get)
         rows = []
-        for role, concepts in (("target", targets), ("retain", retained)):
+        for role, concepts in (("forget", forgotten), ("retain", retained)):
             for concept in concepts:
                 cells = []
                 for m in methods:
@@ -125,7 +138,7 @@ def concept_tables(
                     cells.append(
                         cell(*per_concept.loc[key], planned[n]) if key in per_concept.index else "—"
                     )
-                rows.append([f"{concept} ({ROLE_LABEL[role]})", *cells])
+                rows.append([f"{concept} ({role})", *cells])
         seeds = stats.seed_values(
             records[
                 (records["n_concepts"] == n)
@@ -133,26 +146,26 @@ def concept_tables(
                 & (records["metric"] == metric)
             ]
         )
-        for role in ("target", "retain"):
+        for role in ("forget", "retain"):
             avg = seeds[seeds["role"] == role].groupby("method")["value"].agg(SEED_STATS)
             if not avg.empty:
                 rows.append(
                     [
-                        f"**Avg {ROLE_LABEL[role]}**",
+                        f"**Avg {role}**",
                         *(
                             cell(*avg.loc[m], planned[n]) if m in avg.index else "—"
                             for m in methods
                         ),
                     ]
                 )
-        if metric == "accuracy" and {"target", "retain"} <= set(seeds["role"]):
+        if metric == "accuracy" and {"forget", "retain"} <= set(seeds["role"]):
             # FIA's overall score, per seed from that seed's averages, then over seeds
             wide = seeds.pivot_table(index=["method", "seed"], columns="role", values="value")
-            overall = pd.Series(fia_overall(wide["target"], wide["retain"]), index=wide.index)
+            overall = pd.Series(fia_overall(wide["forget"], wide["retain"]), index=wide.index)
             agg = overall.groupby("method").agg(SEED_STATS)
             rows.append(
                 [
-                    "**Overall (H)**",
+                    OVERALL,
                     *(cell(*agg.loc[m], planned[n]) if m in agg.index else "—" for m in methods),
                 ]
             )
@@ -212,7 +225,7 @@ def summary_rows(
             shown_method(r.method, r.n_concepts, labels),
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
-            ROLE_LABEL[r.role],
+            r.role,
             stats.format_mean_std(r.mean, r.std),
             str(r.n_seeds),
             str(r.n_samples),
@@ -245,7 +258,7 @@ def test_rows(tests: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         [
             str(r.n_concepts),
             f"{r.evaluator}/{r.metric}",
-            ROLE_LABEL[r.role],
+            r.role,
             f"{r.method_a} vs {r.method_b}",
             str(r.n_pairs),
             num(r.mean_diff, ".3f"),
@@ -262,33 +275,87 @@ def test_rows(tests: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 # ---- figures -------------------------------------------------------------------------------
-def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+# One colour per method in every report, so a method reads the same across figures and papers;
+# settings of one method (a sweep: uce, uce[lamb=0.1]) share it and differ in marker.
+METHOD_COLOURS = {
+    "none": "#4d4d4d",
+    "fia": "#1f77b4",
+    "uce": "#ff7f0e",
+    "scapre": "#2ca02c",
+    "esd": "#d62728",
+    "dynamic_mask": "#9467bd",
+    "conceptprune": "#8c564b",
+    "mace": "#e377c2",
+    "speed": "#bcbd22",
+    "rece": "#17becf",
+    "ac": "#393b79",
+    "fmn": "#ad494a",
+    "salun": "#637939",
+    "checkpoint": "#7b4173",
+}
+PLUGIN_COLOURS = ("#8c6d31", "#5254a3", "#843c39", "#d6616b", "#6b6ecf", "#b5cf6b", "#e7969c")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
-    matplotlib.use("Agg")
+
+def method_colour(method: str) -> str:
+    """The fixed colour of a method (by registry name); another plugin's is picked by a hash of
+    its name, so it too keeps one colour from report to report."""
+    name = registered_name(method)
+    if name in METHOD_COLOURS:
+        return METHOD_COLOURS[name]
+    return PLUGIN_COLOURS[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(PLUGIN_COLOURS)]
+
+
+def method_markers(methods: list[str]) -> dict[str, str]:
+    """A marker per label: the settings of one method in the order the report lists them."""
+    seen: dict[str, int] = {}
+    out = {}
+    for m in methods:
+        rank = seen[registered_name(m)] = seen.get(registered_name(m), -1) + 1
+        out[m] = MARKERS[rank % len(MARKERS)]
+    return out
+
+
+# Axis label (with unit) and value range of each metric the shipped evaluators emit; error bars
+# are clipped to the range (a mean ± std of percentages never draws below 0 or above 100).
+METRIC_SCALES: dict[str, tuple[str, float, float]] = {
+    "accuracy": ("accuracy (%)", 0.0, 100.0),
+    "asr": ("attack success rate (%)", 0.0, 100.0),
+    "pre_asr": ("success before the attack (%)", 0.0, 100.0),
+    "fsr": ("forgetting success rate (%)", 0.0, 100.0),
+    FLAGGED: ("images flagged (%)", 0.0, 100.0),
+    "clip_score": ("CLIP score (100 × cosine)", 0.0, 100.0),
+    "clip_a": ("CLIP_a (100 × cosine)", -100.0, 100.0),
+    "fid": ("FID (feature distance)", 0.0, math.inf),
+    "fid_torchmetrics": ("FID, torchmetrics (feature distance)", 0.0, math.inf),
+}
+
+
+def metric_scale(metric: str) -> tuple[str, float, float]:
+    """(axis label, low, high) of a metric; detection counts are per image, an unknown metric
+    is labelled by its name and unbounded."""
+    if metric.startswith(COUNT):
+        return f"{metric.removeprefix(COUNT)} detections per image", 0.0, math.inf
+    return METRIC_SCALES.get(metric, (metric, -math.inf, math.inf))
+
+
+def clipped_errors(mean: pd.Series, std: pd.Series, metric: str) -> np.ndarray:
+    """Asymmetric error bars of mean ± std that stop at the metric's range."""
+    _, low, high = metric_scale(metric)
+    mean, std = mean.to_numpy(float), std.fillna(0).to_numpy(float)
+    return np.vstack([np.minimum(std, mean - low), np.minimum(std, high - mean)]).clip(min=0)
+
+
+ROLE_ORDER = ("forget", "retain", "quality", "all")  # forget panels first
+
+
+def ordered_roles(roles: Any) -> list[str]:
+    return sorted(set(roles), key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else 99)
+
+
+def save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    panels = list(summary.groupby(["evaluator", "metric", "role"]))
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, ((evaluator, metric, role), frame) in zip(axes.flat, panels, strict=False):
-        for method, line in frame.groupby("method"):
-            line = line.sort_values("n_concepts")
-            ax.errorbar(
-                line["n_concepts"],
-                line["mean"],
-                yerr=line["std"].fillna(0),
-                marker="o",
-                capsize=3,
-                label=method,
-            )
-        ax.set_xticks(sorted(frame["n_concepts"].unique()))
-        ax.set_title(f"{evaluator}/{metric} ({ROLE_LABEL[role]})", fontsize=9)
-        ax.set_xlabel("concepts erased")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
     fig.tight_layout()
     atomic_write(
         path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
@@ -296,49 +363,185 @@ def plot_metrics(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def image_grid(records: pd.DataFrame, caches: list[Cache], path: Path, n_prompts: int) -> None:
-    """Prompts (rows) × methods (columns) at the largest concept count and the first seed."""
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def metrics_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
+    """Each metric against the number of erased concepts: one row of panels per metric, its
+    forget panel left of its retain panel; ``methods`` in the tables' order."""
+    plt = pyplot()
+    metrics = list(summary.groupby(["evaluator", "metric"]).groups)
+    roles = ordered_roles(summary["role"])
+    markers = method_markers(methods)
+    fig, axes = plt.subplots(
+        len(metrics), len(roles), figsize=(4.2 * len(roles), 3.2 * len(metrics)), squeeze=False
+    )
+    for i, (evaluator, metric) in enumerate(metrics):
+        for j, role in enumerate(roles):
+            ax = axes[i][j]
+            frame = summary[
+                (summary["evaluator"] == evaluator)
+                & (summary["metric"] == metric)
+                & (summary["role"] == role)
+            ]
+            if frame.empty:
+                ax.axis("off")
+                continue
+            for method in [m for m in methods if m in set(frame["method"])]:
+                line = frame[frame["method"] == method].sort_values("n_concepts")
+                ax.errorbar(
+                    line["n_concepts"],
+                    line["mean"],
+                    yerr=clipped_errors(line["mean"], line["std"], metric),
+                    marker=markers[method],
+                    color=method_colour(method),
+                    capsize=3,
+                    label=method,
+                )
+            ax.set_xticks(sorted(frame["n_concepts"].unique()))
+            ax.set_title(f"{evaluator}/{metric} ({role})", fontsize=9)
+            ax.set_xlabel("concepts erased")
+            ax.set_ylabel(metric_scale(metric)[0], fontsize=8)
+            ax.legend(fontsize=7)
+    return fig
+
+
+def sweeps(methods: list[str]) -> bool:
+    """Whether a method appears at several settings (``uce`` and ``uce[lamb=0.1]``)."""
+    names = [registered_name(m) for m in methods]
+    return len(set(names)) < len(names)
+
+
+def tradeoff_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
+    """Forget against retain, one panel per (n_concepts, evaluator/metric) measured on both,
+    one labelled point per method and setting with its std over seeds on both axes."""
+    plt = pyplot()
+    wide = summary[summary["role"].isin(["forget", "retain"])].pivot_table(
+        index=["n_concepts", "evaluator", "metric", "method"],
+        columns="role",
+        values=["mean", "std"],
+        dropna=False,
+    )
+    wide = wide.dropna(subset=[("mean", "forget"), ("mean", "retain")])
+    panels = list(wide.groupby(level=["n_concepts", "evaluator", "metric"]))
+    markers = method_markers(methods)
+    cols = max(1, min(3, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax, ((n, evaluator, metric), frame) in zip(axes.flat, panels, strict=False):
+        frame = frame.droplevel(["n_concepts", "evaluator", "metric"])
+        for method in [m for m in methods if m in frame.index]:
+            row = frame.loc[[method]]
+            x, y = row[("mean", "forget")], row[("mean", "retain")]
+            ax.errorbar(
+                x,
+                y,
+                xerr=clipped_errors(x, row[("std", "forget")], metric),
+                yerr=clipped_errors(y, row[("std", "retain")], metric),
+                marker=markers[method],
+                color=method_colour(method),
+                capsize=3,
+                linestyle="none",
+            )
+            ax.annotate(
+                method,
+                (x.iloc[0], y.iloc[0]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        label = metric_scale(metric)[0]
+        ax.set_title(f"n_concepts={n} · {evaluator}/{metric}", fontsize=9)
+        ax.set_xlabel(f"forget: {label}", fontsize=8)
+        ax.set_ylabel(f"retain: {label}", fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    return fig
+
+
+GridRow = tuple[int, str, str, str, str]  # (n_concepts, role, concept, prompt_id, prompt)
+
+
+def grid_rows(records: pd.DataFrame, order: list[str], per_count: int) -> list[GridRow]:
+    """The grid's rows: for every concept count, the first prompt of each concept, forget
+    concepts first, then retain (each in the task's ``order``), at most ``per_count`` of them."""
+    images = records[(records["image_key"] != "") & records["role"].isin(["forget", "retain"])]
+    rank = {c: i for i, c in enumerate(order)}
+    rows: list[GridRow] = []
+    for n, frame in images.groupby("n_concepts", sort=True):
+        first = frame.drop_duplicates("concept").assign(
+            role_rank=frame["role"].map({"forget": 0, "retain": 1}),
+            concept_rank=frame["concept"].map(lambda c: rank.get(c, len(rank))),
+        )
+        first = first.sort_values(["role_rank", "concept_rank", "prompt_id"], kind="mergesort")
+        rows += [
+            (int(n), str(r.role), str(r.concept), str(r.prompt_id), str(r.prompt or ""))
+            for r in first.head(per_count).itertuples()
+        ]
+    return rows
+
+
+GRID_TILE, GRID_LABEL_W, GRID_HEAD_H, GRID_BLOCK_H = 96, 240, 24, 20
+
+
+def image_grid(
+    records: pd.DataFrame, caches: list[Cache], path: Path, per_count: int, order: list[str]
+) -> None:
+    """Prompts (rows) × methods (columns) at the first seed, a block of rows per concept count;
+    each row is labelled with its role and its prompt's text (``grid_rows``)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
-    images = records[records["image_key"] != ""]
-    if images.empty:
+    rows = grid_rows(records, order, per_count)
+    if not rows:
         return
-    n = images["n_concepts"].max()
-    images = images[(images["n_concepts"] == n) & (images["seed"] == images["seed"].min())]
+    images = records[(records["image_key"] != "") & (records["seed"] == records["seed"].min())]
     methods = sorted(images["method"].unique(), key=lambda m: (m != "none", m))
-    first = images.drop_duplicates("concept").sort_values(
-        ["role", "prompt_id"], ascending=[False, True]
-    )
-    prompt_ids = list(first["prompt_id"].head(n_prompts))
-    keys = images.drop_duplicates(["method", "prompt_id"]).set_index(["method", "prompt_id"])
-    tile, label_w, head_h = 96, 220, 24
+    keys = images.drop_duplicates(["method", "n_concepts", "prompt_id"]).set_index(
+        ["method", "n_concepts", "prompt_id"]
+    )["image_key"]
+    counts = sorted({n for n, *_ in rows})
+    tile = GRID_TILE
+    width = GRID_LABEL_W + tile * len(methods)
     grid = Image.new(
-        "RGB", (label_w + tile * len(methods), head_h + tile * len(prompt_ids)), "white"
+        "RGB", (width, GRID_HEAD_H + GRID_BLOCK_H * len(counts) + tile * len(rows)), "white"
     )
     draw = ImageDraw.Draw(grid)
     for j, method in enumerate(methods):
-        draw.text((label_w + j * tile + 4, 6), method, fill="black")
-    for i, pid in enumerate(prompt_ids):
-        draw.text((4, head_h + i * tile + tile // 2 - 6), pid[:34], fill="black")
-        for j, method in enumerate(methods):
-            if (method, pid) not in keys.index:
-                continue
-            key = keys.loc[(method, pid), "image_key"]
-            found = next(
-                (
-                    c.path("images", key, ".png")
-                    for c in caches
-                    if c.path("images", key, ".png").exists()
-                ),
-                None,
-            )
-            if found is None:
-                continue
-            try:
-                img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
-            except (OSError, SyntaxError):  # a damaged image: its tile stays blank
-                continue
-            grid.paste(img, (label_w + j * tile, head_h + i * tile))
+        draw.text((GRID_LABEL_W + j * tile + 4, 6), method[:15], fill="black")
+    y = GRID_HEAD_H
+    for n in counts:
+        draw.rectangle((0, y, width, y + GRID_BLOCK_H - 1), fill="#e8e8e8")
+        draw.text((4, y + 4), f"n_concepts={n}", fill="black")
+        y += GRID_BLOCK_H
+        for _, role, concept, prompt_id, prompt in [r for r in rows if r[0] == n]:
+            lines = [f"{role}: {concept}", *textwrap.wrap(prompt or prompt_id, 38)]
+            draw.multiline_text((4, y + 6), "\n".join(lines[:6]), fill="black", spacing=2)
+            for j, method in enumerate(methods):
+                found = next(
+                    (
+                        c.path("images", keys[(method, n, prompt_id)], ".png")
+                        for c in caches
+                        if (method, n, prompt_id) in keys.index
+                        and c.path("images", keys[(method, n, prompt_id)], ".png").exists()
+                    ),
+                    None,
+                )
+                if found is None:
+                    continue
+                try:
+                    img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
+                except (OSError, SyntaxError):  # a damaged image: its tile stays blank
+                    continue
+                grid.paste(img, (GRID_LABEL_W + j * tile, y))
+            y += tile
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
@@ -372,8 +575,12 @@ def versions() -> dict[str, str]:
 
 
 # ---- writing -------------------------------------------------------------------------------
-PLOT, GRID = "metrics_vs_n.png", "grid.png"
-FIGURES = {PLOT: "metrics against the number of erased concepts", GRID: "prompts × methods"}
+PLOT, GRID, TRADEOFF = "metrics_vs_n.png", "grid.png", "tradeoff.png"
+FIGURES = {
+    PLOT: "metrics against the number of erased concepts",
+    GRID: "prompts × methods",
+    TRADEOFF: "forget against retain, one point per method and setting",
+}
 
 
 def write_report(
@@ -385,9 +592,11 @@ def write_report(
     grid_prompts: int,
     reference: str = "none",
     weights: list[str] | None = None,
+    concepts: list[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``weights``: the fingerprints of the models the runs loaded, printed under the title so
-    that a report tells which build of a model (the mini world is retrained) it measured."""
+    that a report tells which build of a model (the mini world is retrained) it measured.
+    ``concepts``: the task's concept order (``concept_order``); by default the records'."""
     runs = fail_non_finite(records, runs)
     measured = records  # every value, failures included, goes into records.csv
     records = of_successful_jobs(records, runs)
@@ -419,6 +628,8 @@ def write_report(
     ]
     for title, header, rows in tables:
         md += [f"## {title}", "", markdown_table(header, rows), ""]
+        if any(r[0] == OVERALL for r in rows):
+            md += [OVERALL_NOTE, ""]
         tex.append(latex_table(header, [[c.replace("**", "") for c in r] for r in rows], title))
     header, rows = summary_rows(summary, labels)
     md += ["## Summary (mean ± sample std over seeds)", "", markdown_table(header, rows), ""]
@@ -433,8 +644,10 @@ def write_report(
     small = tests[tests["warning"] != ""]
     if len(small):
         md += [
-            f"> **Warning**: {len(small)} comparison(s) cannot reach p < {alpha} or have no "
-            "usable pairs; see the warning column. Add seeds or concepts.",
+            f"> **Warning**: {len(small)} of the {len(tests)} comparisons above cannot reach "
+            f"p < {alpha} (too few pairs that differ: the table's pairs column counts every "
+            "pair, the warning those with a non-zero difference) or have no pairs; see the "
+            "warning column. Add seeds or concepts.",
             "",
         ]
     failed = runs[runs["status"] != "ok"]
@@ -448,12 +661,16 @@ def write_report(
             ),
             "",
         ]
-    md += [f"![{alt}]({name})\n" for name, alt in FIGURES.items()]
+    figures = [PLOT, GRID, *([TRADEOFF] if sweeps(methods) and not summary.empty else [])]
+    md += [f"![{FIGURES[name]}]({name})\n" for name in figures]
     write_text(out_dir / "report.md", "\n".join(md))
     write_text(out_dir / "report.tex", "\n".join(tex))
     if not summary.empty:
-        plot_metrics(summary, out_dir / PLOT)
-    image_grid(records, caches, out_dir / GRID, grid_prompts)
+        save_figure(metrics_figure(summary, methods), out_dir / PLOT)
+    if TRADEOFF in figures:
+        save_figure(tradeoff_figure(summary, methods), out_dir / TRADEOFF)
+    order = concepts or list(dict.fromkeys(records["concept"]))
+    image_grid(records, caches, out_dir / GRID, grid_prompts, order)
     return summary, tests
 
 
@@ -487,6 +704,7 @@ def write_run(
         int(cfg.report.grid_prompts),
         str(cfg.reference),
         [inputs["model_weights"]],
+        concept_order(records, {str(out_dir): cfg}),
     )
     if details:
         lines = [json.dumps(d, sort_keys=True, default=str) for d in details]
@@ -526,7 +744,8 @@ def load_runs(
                 d / "records.csv",
                 RECORD_COLUMNS,
                 na_values=[""],
-                dtype={"prompt_id": str, "image_key": str},
+                dtype={"prompt_id": str, "prompt": str, "image_key": str},
+                added=ADDED_RECORD_COLUMNS,
             )
         )
         runs.append(read_run_table(d / "runs.csv", RUN_COLUMNS, na_values=[]))
@@ -541,32 +760,94 @@ def load_runs(
             for model in frame["model"].unique()
         ]
     )
-    merged = pd.concat(records, ignore_index=True)[RECORD_COLUMNS]
-    merged["image_key"] = merged["image_key"].fillna("")
-    key = [c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key")]
-    merged = merged.drop_duplicates()
+    merged = pd.concat(
+        [frame.assign(run_dir=str(d)) for d, frame in zip(dirs, records, strict=True)],
+        ignore_index=True,
+    )[[*RECORD_COLUMNS, "run_dir"]]
+    merged[["image_key", "prompt"]] = merged[["image_key", "prompt"]].fillna("")
+    merged["role"] = merged["role"].replace(OLD_ROLES)
+    # a prompt's text is its id's: rows of an older run (no text) are the same rows
+    key = [
+        c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key", "prompt")
+    ]
+    merged = merged.drop_duplicates([*key, "value"])
     clash = merged[merged.duplicated(key, keep=False)]
     if len(clash):
         r = clash.iloc[0]
+        group = clash.groupby(key, dropna=False, sort=False).ngroup()
+        first, other = clash.loc[group == group.iloc[0], "run_dir"].iloc[:2]
         raise FiaBenchError(
-            f"runs disagree on {r.method} n_concepts={r.n_concepts} "
-            f"seed={r.seed} {r.evaluator}/{r.metric} {r.prompt_id}: merge only "
-            "runs of the same model, task, sampler and protocol"
+            f"runs disagree on {r.method} n_concepts={r.n_concepts} seed={r.seed} "
+            f"{r.evaluator}/{r.metric} {r.prompt_id}: {first} and {other} differ in "
+            f"{protocol_difference(configs[first], configs[other])}; merge runs of one protocol"
         )
+    merged = merged[RECORD_COLUMNS]
     all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
     return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
+
+
+# where runs may differ and still share rows: the method (its own column), where they write
+RUN_PLACE_KEYS = ("method", "out_dir", "cache_dir", "hydra", "logger", "report", "recipe")
+
+
+def protocol_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The config keys (beyond the method and where the runs wrote) in which two runs differ,
+    e.g. ``sampler.steps (2 vs 4)``: what made them measure one row differently."""
+    flat_a, flat_b = (
+        {k: v for k, v in flat_settings(c).items() if k.split(".")[0] not in RUN_PLACE_KEYS}
+        for c in (a, b)
+    )
+    keys = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+    if not keys:
+        return "no config key (another code or package version measured them)"
+    shown = ", ".join(
+        f"{k} ({setting_text(flat_a.get(k))} vs {setting_text(flat_b.get(k))})" for k in keys[:3]
+    )
+    return shown + (f" and {len(keys) - 3} more keys" if len(keys) > 3 else "")
+
+
+def concept_order(records: pd.DataFrame, configs: dict[str, Any]) -> list[str]:
+    """The concepts in their task's order (the task file's list, which the tables follow), then
+    any concept no task file lists in the order the runs wrote them."""
+    listed: list[str] = []
+    for config in configs.values():
+        try:
+            listed += load_task(str(config["task"]["name"]), str(config["model"]["world"])).concepts
+        except (FiaBenchError, KeyError, TypeError):
+            continue
+    return list(dict.fromkeys([*listed, *map(str, records["concept"])]))
+
+
+def run_directories(paths: list[Path]) -> list[Path]:
+    """The run directories among the arguments: files are skipped with a note (a shell glob
+    over a Hydra sweep folder, ``<sweep>/*``, also matches its ``multirun.yaml``); every
+    directory must be a run directory."""
+    skipped = [p for p in paths if p.is_file()]
+    if skipped:
+        names = ", ".join(str(p) for p in skipped)
+        print(f"fia_bench.report: skipped {names} (files, not run directories)", file=sys.stderr)
+    dirs = [p for p in paths if not p.is_file()]
+    if not dirs:
+        raise FiaBenchError("no run directory given (only files); pass <sweep dir>/* or run dirs")
+    return dirs
 
 
 INTEGER_COLUMNS = ("n_concepts", "seed")
 
 
-def read_run_table(path: Path, columns: list[str], **options: Any) -> pd.DataFrame:
+def read_run_table(
+    path: Path, columns: list[str], added: tuple[str, ...] = (), **options: Any
+) -> pd.DataFrame:
     """A run's CSV table with its columns and their types checked: a damaged or hand-edited file
-    ends in one line naming the file, the row and what is wrong, never in a pandas trace."""
+    ends in one line naming the file, the row and what is wrong, never in a pandas trace.
+    ``added``: columns newer than some runs, read as empty where a table lacks them."""
     try:
         frame = pd.read_csv(path, keep_default_na=False, **options)
     except (UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise FiaBenchError(f"{path}: not a readable CSV table ({str(err).strip()})") from err
+    for column in added:
+        if column not in frame.columns:
+            frame[column] = ""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise FiaBenchError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -626,7 +907,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with records.csv)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output directory")
     parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--grid-prompts", type=int, default=4)
+    parser.add_argument(
+        "--grid-prompts", type=int, default=12, help="image grid rows per concept count"
+    )
     parser.add_argument("--reference", default="none")
     parser.add_argument(
         "--markdown",
@@ -640,10 +923,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid_prompts < 0:
         parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
-        records, runs, caches, configs, weights = load_runs(args.runs)
-        records = records.sort_values(
-            ["method", "n_concepts", "seed", "evaluator", "metric", "prompt_id"], kind="mergesort"
-        ).reset_index(drop=True)
+        records, runs, caches, configs, weights = load_runs(run_directories(args.runs))
+        order = concept_order(records, configs)
+        rank = {c: i for i, c in enumerate(order)}
+        records = (
+            records.assign(concept_rank=records["concept"].map(rank))
+            .sort_values(
+                [
+                    "method",
+                    "n_concepts",
+                    "seed",
+                    "evaluator",
+                    "metric",
+                    "concept_rank",
+                    "prompt_id",
+                ],
+                kind="mergesort",
+            )
+            .drop(columns="concept_rank")
+            .reset_index(drop=True)
+        )
         runs = runs.sort_values(JOB_KEYS, kind="mergesort").reset_index(drop=True)
         write_report(
             args.out,
@@ -654,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
             args.grid_prompts,
             args.reference,
             weights,
+            order,
         )
         write_json(
             args.out / "manifest.json",

@@ -29,7 +29,8 @@ from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, EngineOptions, Sampler
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, prepared_model, torch_dtype
-from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared
+from fia_bench.progress import progress
+from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared, method_label
 from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
 from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
@@ -104,12 +105,36 @@ def build_evaluators(cfg: DictConfig, context: EvalContext) -> dict[str, Evaluat
     return out
 
 
-def run(cfg: DictConfig, method: Method | None = None, pipeline: Any = None) -> RunResult:
+def run(
+    cfg: DictConfig, method: Method | None = None, pipeline: Any = None, preset: str | None = None
+) -> RunResult:
     """One job; under ``torchrun``/``accelerate launch`` each process runs it as one rank of a
     sharded run (``distributed.py``). ``method`` and ``pipeline`` are objects from Python (see
-    ``fia_bench.run``) that replace the configured method and model weights."""
+    ``fia_bench.run``) that replace the configured method and model weights. ``preset``: the
+    preset the config was composed with (its caps count as the method's defaults)."""
     with distributed.session(str(cfg.device)):
-        return run_job(cfg, method, pipeline)
+        return run_job(cfg, method, pipeline, preset)
+
+
+def default_settings(name: str, preset: str | None) -> dict[str, Any]:
+    """A method's settings as its own config gives them, with the run's preset: what a run's
+    settings are compared with to name it (``records.method_label``)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = [f"method={name}", *([f"preset={preset}"] if preset else [])]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the command line's Hydra app
+            from hydra import compose
+
+            cfg = compose(config_name="config", overrides=overrides)
+        else:
+            import fia_bench
+
+            cfg = fia_bench.compose(overrides)
+    except HydraException:  # a method without a config file: every setting is shown
+        return {}
+    return plain(cfg.method.get("settings"))
 
 
 def instance_identity(method: Method) -> dict[str, Any]:
@@ -120,7 +145,9 @@ def instance_identity(method: Method) -> dict[str, Any]:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "state": state}
 
 
-def run_job(cfg: DictConfig, method: Method | None = None, pipeline: Any = None) -> RunResult:
+def run_job(
+    cfg: DictConfig, method: Method | None = None, pipeline: Any = None, preset: str | None = None
+) -> RunResult:
     started = time.perf_counter()
     check_config(cfg)
     out_dir = Path(cfg.out_dir)
@@ -138,12 +165,14 @@ def run_job(cfg: DictConfig, method: Method | None = None, pipeline: Any = None)
     method_settings = plain(cfg.method.get("settings"))
     instances = {}
     if method is not None:
-        method_name = type(method).__name__.lower()
+        method_name = shown = type(method).__name__.lower()
         method_settings = instance_identity(method)
         instances[method_name] = method
     else:
         method_name = str(cfg.method.name)
+        shown = method_label(method_name, method_settings, default_settings(method_name, preset))
     methods = {str(cfg.reference): {}} | {method_name: method_settings}
+    labels = {str(cfg.reference): str(cfg.reference), method_name: shown}
     for name in methods:
         if name not in instances:
             METHODS.get(name, "method=")
@@ -179,7 +208,7 @@ def run_job(cfg: DictConfig, method: Method | None = None, pipeline: Any = None)
     ]
     out = JobOutputs()
     prompt_hashes: dict[str, str] = {}
-    for job in tqdm(jobs, desc="jobs", unit="job"):
+    for job in progress(jobs, desc="jobs", unit="job"):
         erased = stages.erase(job)
         run_row = {
             "method": job.method,
@@ -222,15 +251,18 @@ def run_job(cfg: DictConfig, method: Method | None = None, pipeline: Any = None)
             evaluate(stages, job, prompts, name, ev, provenance, out)
             for name, ev in evaluators.items()
         ]
-        targets = prompts[prompts["role"] == "target"]
+        targets = prompts[prompts["role"] == "forget"]
         declared += [
             run_attack(stages, job, erased, targets, name, attack, provenance, out)
             for name, attack in attacks.items()
         ]
         run_row["metrics"] = ";".join(e for e in declared if e)
 
-    records = pd.DataFrame(out.records, columns=RECORD_COLUMNS)
-    runs = pd.DataFrame(out.runs, columns=RUN_COLUMNS)
+    # jobs run under the registry name; every table names the method by its label
+    records = pd.DataFrame(out.records, columns=RECORD_COLUMNS).replace({"method": labels})
+    runs = pd.DataFrame(out.runs, columns=RUN_COLUMNS).replace({"method": labels})
+    for detail in out.details:
+        detail["method"] = labels[detail["method"]]
     counts = vars(stages.counts) | {"seconds_total": time.perf_counter() - started}
     inputs = {
         "model_weights": model.fingerprint,
@@ -355,7 +387,7 @@ def run_attack(
             "prompt": [p.prompt for p in adversarial],
             "evaluation_seed": [p.seed for p in adversarial],
             "concept": [p.concept for p in adversarial],
-            "role": "target",
+            "role": "forget",
         }
     )
     rows = with_images(stages, erased, rows, list(rows["evaluation_seed"]))
@@ -380,8 +412,9 @@ def run_attack(
             "n_concepts": job.n_concepts,
             "seed": job.seed,
             "concept": by_case.loc[case, "concept"],
-            "role": "target",
+            "role": "forget",
             "prompt_id": case,
+            "prompt": by_case.loc[case, "prompt"],
             "evaluator": name,
             "metric": metric_name,
             "value": value,
@@ -429,6 +462,7 @@ def score_records(
                 "concept": "*" if whole_set else row["concept"],
                 "role": "all" if whole_set else row["role"],
                 "prompt_id": score["prompt_id"],
+                "prompt": "" if whole_set else row["prompt"],
                 "evaluator": evaluator_name,
                 "metric": score["metric"],
                 "value": score["value"],

@@ -20,7 +20,6 @@ from typing import Any
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fia_bench import artifacts, distributed
 from fia_bench.api import (
@@ -45,6 +44,7 @@ from fia_bench.engine import Engine
 from fia_bench.errors import FiaBenchError
 from fia_bench.guidance import Guidance
 from fia_bench.models import LoadedModel
+from fia_bench.progress import progress
 from fia_bench.registry import METHODS
 
 # Evaluation seed of row r under erasure seed s is r + s * SEED_STRIDE (seed_policy
@@ -359,7 +359,7 @@ class Stages:
         self.engine.forget_embeddings()
         try:
             mine = self.group.shard(todo)
-            for batch in tqdm(mine, desc=f"generate {label}", unit="batch", leave=False):
+            for batch in progress(mine, desc=f"generate {label}", unit="batch", leave=False):
                 with self.cache.lock("images", stable_hash([keys[i] for i in batch])):
                     if not missing(batch):
                         found += len(batch)
@@ -468,7 +468,7 @@ class Stages:
                 "case_id": [str(i) for i in range(len(prompts))],
                 "prompt": prompts,
                 "concept": concepts,
-                "role": "target",
+                "role": "forget",
                 "generation_seed": seeds,
                 "image_key": keys,
             }

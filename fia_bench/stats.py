@@ -162,7 +162,8 @@ def _compare(units_a: pd.DataFrame, units_b: pd.DataFrame, alpha: float) -> dict
         )
         if min_p >= alpha:
             row["warning"] = (
-                f"n={n_nonzero} pairs cannot reach p<{alpha} (smallest possible p={min_p:.4g})"
+                f"{n_nonzero} of {n_pairs} pairs differ: cannot reach p<{alpha} "
+                f"(smallest possible p={min_p:.4g})"
             )
     return row
 

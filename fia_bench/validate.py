@@ -43,7 +43,7 @@ SAMPLER = Schema(
 )
 ENGINE = Schema(batch_size=Either(Choice(AUTO), Int(ge=1)), channels_last=Flag(), compile=Flag())
 REPORT = Schema(grid_prompts=Int(ge=0), alpha=Real(gt=0, lt=1))
-ROLES = ("target", "retain", "quality")
+ROLES = ("forget", "retain", "quality")
 PLUGIN_NODE = Schema(
     name=Text(), dataset=Text(), settings=Dict(null=True), roles=Items(Choice(*ROLES))
 )

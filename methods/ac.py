@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Text
 from fia_bench.unet_edit import encode_images, training_only
 
@@ -144,7 +144,7 @@ class ConceptAblation(Method):
         losses = []
         with training_only(unet, params) as trained:
             optimizer = torch.optim.AdamW(trained, lr=self.lr, weight_decay=self.weight_decay)
-            for _ in tqdm(range(self.steps), desc="ac", unit="step", leave=False):
+            for _ in progress(range(self.steps), desc="ac", unit="step", leave=False):
                 rows = [
                     (rng.randrange(len(data)), rng.randrange(self.images))
                     for _ in range(self.batch_size)

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Dict, Int, Items, Real, Schema, Table, Text
 from fia_bench.unet_edit import block_linears, task_block
 
@@ -214,7 +214,7 @@ class ConceptPrune(Method):
         base_norms: dict[str, torch.Tensor] | None = None
         per_concept: dict[str, int] = {}
         targets = list(dict.fromkeys(request.targets))
-        for concept in tqdm(targets, desc="conceptprune", unit="concept", leave=False):
+        for concept in progress(targets, desc="conceptprune", unit="concept", leave=False):
             concept_prompts, base_prompts = spec.pairs(concept)
             if base_norms is None:  # every concept of a task shares its base prompts
                 base_norms = self.column_norms(engine, base_prompts, seed)

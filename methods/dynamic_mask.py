@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Flag, Int, Real, Schema, Text
 from fia_bench.unet_edit import encode_images
 
@@ -368,7 +368,7 @@ class ConceptTrainer:
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         epoch_forget: list[float | None] = []
         last: list[dict[str, Any]] = []
-        bar = tqdm(
+        bar = progress(
             total=self.total_steps,
             desc=f"dynamic_mask {d.concept}",
             unit="step",

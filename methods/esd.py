@@ -253,7 +253,7 @@ class ESD(Method):
         return esd_target(eps_concept, eps_empty, self.negative_guidance, self.eta_convention)
 
     def erase(self, request: EraseRequest) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from fia_bench.progress import progress
 
         engine = request.engine
         unet = engine.pipe.unet
@@ -300,7 +300,7 @@ class ESD(Method):
         try:
             for p in requires_grad:
                 p.requires_grad_(not separate_master and p in live_set)
-            bar = tqdm(range(self.iterations), desc=label, unit="it", leave=False)
+            bar = progress(range(self.iterations), desc=label, unit="it", leave=False)
             for _ in bar:
                 index = int(torch.randint(len(request.targets), (1,), generator=gen))
                 picks[index] += 1

@@ -55,10 +55,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Table, Text
 from fia_bench.unet_edit import block_linears, task_block
 
@@ -527,7 +527,7 @@ class FIA(Method):
         base_cache: dict[tuple[str, ...], dict[str, RunningSums]] = {}
         per_concept: dict[str, Any] = {}
         passes = 0
-        for concept in tqdm(targets, desc="fia saliency", unit="concept", leave=False):
+        for concept in progress(targets, desc="fia saliency", unit="concept", leave=False):
             concept_prompts, base_prompts = self.prompts(engine, spec, concept)
             base_key = tuple(sorted(base_prompts))
             if base_key not in base_cache:  # keep one set: paper-mode sums are 8 GB on SD

@@ -17,10 +17,10 @@ import random
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError
+from fia_bench.progress import progress
 from fia_bench.schema import Dict, Flag, Int, Real, Schema, Text
 from fia_bench.unet_edit import (
     concept_token_mask,
@@ -118,7 +118,7 @@ class FMN(Method):
             cross_attention_probabilities(unet) as probs,
         ):
             optimizer = torch.optim.AdamW(trained, lr=self.lr, weight_decay=self.weight_decay)
-            for _ in tqdm(range(self.steps), desc="fmn", unit="step", leave=False):
+            for _ in progress(range(self.steps), desc="fmn", unit="step", leave=False):
                 concept, prompt, mean, std = data[rng.randrange(len(data))]
                 latent = ((mean + std * torch.randn_like(std)) * scaling)[None].to(unet.device)
                 t = torch.randint(0, n_train, (1,), device=unet.device)

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Dict, Flag, Int, Items, Real, Schema, Text
 from fia_bench.unet_edit import (
     block_linears,
@@ -346,7 +346,7 @@ class MACE(Method):
             return info
         latents = self.training_latents(request, kind)
         deltas, losses = {}, {}
-        for concept in tqdm(request.targets, desc="mace lora", unit="concept", leave=False):
+        for concept in progress(request.targets, desc="mace lora", unit="concept", leave=False):
             deltas[concept], curve = self.train_lora_deltas(
                 request, layers, concept, prompts[concept], latents[concept]
             )

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError
+from fia_bench.progress import progress
 from fia_bench.schema import Dict, Int, Real, Schema, Text
 from fia_bench.unet_edit import encode_images, training_only
 
@@ -166,7 +166,7 @@ class SalUn(Method):
             device_masks = [
                 masks[n].to(p.device, p.dtype) for n, p in zip(names, params, strict=True)
             ]
-            for _ in tqdm(range(self.epochs), desc="salun", unit="epoch", leave=False):
+            for _ in progress(range(self.epochs), desc="salun", unit="epoch", leave=False):
                 order = list(range(len(forget)))
                 rng.shuffle(order)
                 for start in range(0, len(order), self.batch_size):

@@ -18,6 +18,7 @@ import fia_bench
 from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.records import registered_name
 from fia_bench.tasks import load_task
 from methods.ac import ConceptAblation
 
@@ -103,7 +104,7 @@ def test_runs_in_the_harness_end_to_end(tmp_path: Path, cache_dir: Path) -> None
         ],
         out_dir=str(tmp_path / "run"),
     )
-    runs = result.runs[result.runs["method"] == "ac"].set_index("n_concepts")
+    runs = result.runs[result.runs["method"].map(registered_name) == "ac"].set_index("n_concepts")
     assert set(runs["status"]) == {"ok"}
     info = json.loads(runs.loc[2, "info"])
     assert runs.loc[2, "changed_tensors"] == info["trained_tensors"] == 8

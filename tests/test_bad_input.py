@@ -61,7 +61,7 @@ CLI_CASES = [
     (["seeds=${oc.env:FIA_BENCH_NO_SUCH_VARIABLE}"], "FIA_BENCH_NO_SUCH_VARIABLE"),
     (["model.resolution=abc"], "model.resolution='abc': must be an integer >= 8"),
     (["model.weights=maybe"], "unknown model.weights 'maybe'"),
-    (["+evaluator.clip_accuracy.roles=[forget]"], "unknown evaluator.clip_accuracy.roles[0]"),
+    (["+evaluator.clip_accuracy.roles=[target]"], "unknown evaluator.clip_accuracy.roles[0]"),
     # devices and folders
     (["device=gpu"], "device='gpu': valid devices are cpu, cuda and cuda:N"),
     (["device=cuda:x"], "valid devices are cpu, cuda and cuda:N"),
@@ -216,7 +216,7 @@ def write_run(folder: Path, prompts: tuple[str, ...] = ("p0", "p1")) -> Path:
                         "n_concepts": 1,
                         "seed": seed,
                         "concept": "tench",
-                        "role": "target",
+                        "role": "forget",
                         "prompt_id": prompt_id,
                         "evaluator": "clip_accuracy",
                         "metric": "accuracy",
@@ -341,7 +341,7 @@ def test_an_unforeseen_error_is_one_line_naming_its_trace(
 
     from fia_bench import cli
 
-    def broken(cfg: object) -> None:
+    def broken(cfg: object, preset: str | None = None) -> None:
         raise RuntimeError("something nobody foresaw\nsecond line")
 
     monkeypatch.setattr(runner, "run", broken)

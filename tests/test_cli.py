@@ -36,7 +36,7 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
     records = pd.read_csv(tmp_path / "a" / "records.csv")
     # one row per (n, seed, prompt, metric): 2 n x 2 seeds x 20 prompts x 2 metrics
     assert len(records) == 2 * 2 * 20 * 2
-    assert set(records["role"]) == {"target", "retain"}
+    assert set(records["role"]) == {"forget", "retain"}
     assert records["protocol"].str.len().min() > 0
     # the report names the judge's and the model's weights: a retrained model shows in it
     report = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
@@ -46,31 +46,55 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
     summary = pd.read_csv(tmp_path / "a" / "summary.csv")
     assert set(summary["n_seeds"]) == {2}
     assert "Avg forget" in first.stdout
+    # stderr is not a terminal here (as in a log file): plain progress lines, no bar redraws
+    assert "\r" not in first.stderr and "\x1b" not in first.stderr
+    assert "[fia_bench] jobs: 4/4 job (" in first.stderr
 
 
 def test_multirun_and_report_merge(tmp_path: Path) -> None:
+    """A sweep over a method's settings merges into one report, each setting a method of its
+    own named by what differs from the defaults (UCE's lamb is 0.5 by default), through the
+    README's literal glob over the sweep folder (which also matches Hydra's multirun.yaml)."""
     cache = tmp_path / "cache"
     sweep = tmp_path / "sweep"
     cli(
-        ["-m", *FAST, "method=none,uce", "seeds=2", "n_concepts=1,2", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *FAST,
+            "method=uce",
+            "method.settings.lamb=0.5,0.1",
+            "seeds=2",
+            "n_concepts=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cache,
         tmp_path,
     )
     runs = sorted(p for p in sweep.iterdir() if (p / "records.csv").exists())
     assert len(runs) == 4
     merged = tmp_path / "merged"
-    proc = cli([*map(str, runs), "--out", str(merged)], cache, tmp_path, module="fia_bench.report")
-    assert "uce vs none" in proc.stdout
-    assert "model weights `" in (merged / "report.md").read_text(encoding="utf-8")
+    glob = sorted(map(str, sweep.glob("*")))
+    assert str(sweep / "multirun.yaml") in glob
+    proc = cli([*glob, "--out", str(merged)], cache, tmp_path, module="fia_bench.report")
+    assert "skipped " + str(sweep / "multirun.yaml") in proc.stderr
+    report = (merged / "report.md").read_text(encoding="utf-8")
+    assert "| concept | none | uce | uce[lamb=0.1] |" in report
+    assert "model weights `" in report
     summary = pd.read_csv(merged / "summary.csv")
     assert sorted(summary["n_concepts"].unique()) == [1, 2]
-    assert set(summary["method"]) == {"none", "uce"}
+    assert set(summary["method"]) == {"none", "uce", "uce[lamb=0.1]"}
     # every run also measured the reference; the merge keeps each reference row once
     parts = pd.concat([pd.read_csv(r / "records.csv") for r in runs])
     assert len(pd.read_csv(merged / "records.csv")) == len(parts.drop_duplicates())
     assert len(parts) > len(parts.drop_duplicates())
     tests = pd.read_csv(merged / "tests.csv")
-    assert set(zip(tests["method_a"], tests["method_b"], strict=True)) == {("uce", "none")}
+    assert set(zip(tests["method_a"], tests["method_b"], strict=True)) == {
+        ("uce", "none"),
+        ("uce[lamb=0.1]", "none"),
+        ("uce", "uce[lamb=0.1]"),
+    }
+    assert "![forget against retain, one point per method and setting](tradeoff.png)" in report
+    assert (merged / "tradeoff.png").stat().st_size > 0
     # a run of a rebuilt model (same name, other weights) is refused, not merged beside the others
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     manifest["inputs"]["model_weights"] = "0" * 64
@@ -128,3 +152,20 @@ def test_bad_input_fails_with_one_clear_line(
     assert errors, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_help_names_the_project_and_only_the_groups_a_user_picks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from fia_bench import cli as command_line
+
+    monkeypatch.setattr("sys.argv", ["fia_bench", "--help"])
+    command_line.main()
+    text = capsys.readouterr().out
+    assert text.startswith("fia_bench: a reproducible benchmark harness for concept unlearning")
+    groups = [line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ")]
+    assert [g for g in groups if g in command_line.USER_GROUPS] == list(command_line.USER_GROUPS)
+    for option in ("uce", "tiny_random", "fia/table1", "smoke", "clip_accuracy"):
+        assert option in text
+    for internal in ("parts/", "arm/", "preset_caps", "task_prompts", "Powered by Hydra"):
+        assert internal not in text

@@ -24,4 +24,4 @@ def test_fsr_compares_with_the_base_image_of_the_same_prompt_and_seed(
     assert (wide[("none", "fsr")] == 0).all()
     expected = 100.0 * (wide[("uce", "clip_a")] < wide[("none", "clip_a")])
     assert (wide[("uce", "fsr")] == expected).all()
-    assert set(records["role"]) == {"target", "retain"}
+    assert set(records["role"]) == {"forget", "retain"}

@@ -47,7 +47,7 @@ def record(method: str, seed: int, evaluator: str, metric: str, value: float, **
         "n_concepts": kw.get("n_concepts", 1),
         "seed": seed,
         "concept": kw.get("concept", "c"),
-        "role": kw.get("role", "target"),
+        "role": kw.get("role", "forget"),
         "prompt_id": kw.get("prompt_id", f"{kw.get('concept', 'c')}-{seed}"),
         "evaluator": evaluator,
         "metric": metric,
@@ -164,7 +164,7 @@ def test_scapre_uq_through_compare_matches_the_printed_table(tmp_path: Path) -> 
         "paper": ["scapre_table5_imagenette_forget10_sd15.csv"],
         "rows": [{"paper": label, "method": m} for label, m in methods.items()],
         "metrics": [
-            {"name": "avg_forget_acc_pct", "source": "acc/accuracy", "role": "target"},
+            {"name": "avg_forget_acc_pct", "source": "acc/accuracy", "role": "forget"},
             {"name": "clip_coco", "source": "clip/clip_score", "role": "quality"},
             {
                 "name": "uq",
@@ -178,7 +178,7 @@ def test_scapre_uq_through_compare_matches_the_printed_table(tmp_path: Path) -> 
         table,
         methods,
         {
-            "avg_forget_acc_pct": ("acc", "accuracy", "target"),
+            "avg_forget_acc_pct": ("acc", "accuracy", "forget"),
             "clip_coco": ("clip", "clip_score", "quality"),
         },
     )
@@ -198,7 +198,7 @@ def test_fia_overall_and_art_rank_through_compare(tmp_path: Path) -> None:
         "paper": ["fia_table2_imagenette_forget5_preserve5.csv"],
         "rows": [{"paper": label, "method": m} for label, m in methods.items()],
         "metrics": [
-            {"name": "forgetting_acc_pct", "source": "acc/accuracy", "role": "target"},
+            {"name": "forgetting_acc_pct", "source": "acc/accuracy", "role": "forget"},
             {"name": "preserving_acc_pct", "source": "acc/accuracy", "role": "retain"},
             {
                 "name": "overall_score_hm",
@@ -212,7 +212,7 @@ def test_fia_overall_and_art_rank_through_compare(tmp_path: Path) -> None:
         t2,
         methods,
         {
-            "forgetting_acc_pct": ("acc", "accuracy", "target"),
+            "forgetting_acc_pct": ("acc", "accuracy", "forget"),
             "preserving_acc_pct": ("acc", "accuracy", "retain"),
         },
     )
@@ -227,8 +227,8 @@ def test_fia_overall_and_art_rank_through_compare(tmp_path: Path) -> None:
         for i, label in enumerate(dict.fromkeys(t4["method"]))
     }
     four = {
-        "clip_a": ("art", "clip_a", "target"),
-        "fsr_pct": ("art", "fsr", "target"),
+        "clip_a": ("art", "clip_a", "forget"),
+        "fsr_pct": ("art", "fsr", "forget"),
         "fid": ("fid", "fid", "all"),
         "clip_score": ("clip", "clip_score", "quality"),
     }
@@ -267,7 +267,7 @@ RECIPE = {
         {
             "name": "nudenet_detections",
             "source": "nudenet/count",
-            "role": "target",
+            "role": "forget",
             "reduce": "sum",
             "per": "class",
             "classes": {"Belly": "BELLY_EXPOSED"},
@@ -275,7 +275,7 @@ RECIPE = {
         {
             "name": "nudenet_detections_total",
             "source": "nudenet/count",
-            "role": "target",
+            "role": "forget",
             "reduce": "sum",
         },
         {
@@ -321,8 +321,8 @@ def test_counts_are_summed_per_seed_then_averaged_over_seeds(tmp_path: Path) -> 
         s.source for s in sections(find_runs([tmp_path]), RECIPE, load_paper(RECIPE["paper"]))
     ]
     assert headers == [
-        "sum of nudenet/count (target)",
-        "sum of nudenet/count (target)",
+        "sum of nudenet/count (forget)",
+        "sum of nudenet/count (forget)",
         "(100 − clip_score/clip_score) × 0.5 (quality)",
     ]
 
@@ -331,7 +331,9 @@ def test_rows_are_matched_by_method_and_settings(tmp_path: Path) -> None:
     check_recipe(RECIPE)
     quality = [record("none", 0, "clip_score", "clip_score", 30.0, role="quality")]
     fake_run(tmp_path / "a", RECIPE, "fia", [*quality, *detections("fia", 0, [1], [0])], alpha=0.6)
-    fake_run(tmp_path / "b", RECIPE, "fia", [*quality, *detections("fia", 0, [5], [0])], alpha=0.8)
+    # a run names its method by the settings that differ from the defaults (alpha 0.6)
+    b = [*quality, *detections("fia[alpha=0.8]", 0, [5], [0])]
+    fake_run(tmp_path / "b", RECIPE, "fia", b, alpha=0.8)
     out = {
         s.name: {c.row: c for c in s.cells}
         for s in sections(find_runs([tmp_path]), RECIPE, load_paper(RECIPE["paper"]))

@@ -19,6 +19,7 @@ import fia_bench
 from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.records import registered_name
 from fia_bench.tasks import load_task
 from methods.conceptprune import ConceptPrune, row_top_mask
 
@@ -196,11 +197,13 @@ def test_runs_in_the_harness_end_to_end(tmp_path: Path, cache_dir: Path) -> None
         ],
         out_dir=str(tmp_path / "run"),
     )
-    runs = result.runs[result.runs["method"] == "conceptprune"].set_index("n_concepts")
+    runs = result.runs[result.runs["method"].map(registered_name) == "conceptprune"].set_index(
+        "n_concepts"
+    )
     assert set(runs["status"]) == {"ok"}
     for n in (1, 2):
         info = json.loads(runs.loc[n, "info"])
         assert len(info["selected_per_concept"]) == n and info["pruned_connections"] > 0
         assert runs.loc[n, "changed_entries"] == info["pruned_connections"]
         assert runs.loc[n, "changed_tensors"] == 4
-    assert {"conceptprune", "none"} == set(result.records["method"])
+    assert {"conceptprune", "none"} == set(result.records["method"].map(registered_name))

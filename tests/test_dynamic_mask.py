@@ -22,6 +22,7 @@ from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError
+from fia_bench.records import registered_name
 from fia_bench.tasks import load_task
 from methods.dynamic_mask import MASKED, DynamicMask, trainable_parameters
 
@@ -271,7 +272,8 @@ def test_runs_through_the_harness_with_cached_training_images(
         [*FAST, "method=dynamic_mask", *settings, "seeds=1", "n_concepts=1"],
         out_dir=str(tmp_path / "run"),
     )
-    runs = result.runs.set_index("method")
+    runs = result.runs.assign(method=result.runs["method"].map(registered_name))
+    runs = runs.set_index("method")
     assert runs.loc["dynamic_mask", "status"] == "ok"
     assert runs.loc["dynamic_mask", "changed_tensors"] == 20
     info = json.loads(runs.loc["dynamic_mask", "info"])

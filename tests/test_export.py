@@ -42,16 +42,18 @@ def test_export_round_trip(tmp_path: Path, cache_dir: Path) -> None:
         ["method=checkpoint", f"method.settings.path={folder}", *JOB],
         out_dir=str(tmp_path / "back"),
     )
-    checkpoint = back.runs.set_index("method").loc["checkpoint"]
+    # a checkpoint run is named by the file it loaded, so several files are several columns
+    label = f"checkpoint[path={folder}]"
+    checkpoint = back.runs.set_index("method").loc[label]
     assert checkpoint["weights_id"] == uce["weights_id"]  # same base, same edit
     ours = erased.records[erased.records["method"] == "uce"]
-    theirs = back.records[back.records["method"] == "checkpoint"]
+    theirs = back.records[back.records["method"] == label]
     assert list(theirs["image_key"]) == list(ours["image_key"])  # the same images
     assert list(theirs["value"]) == list(ours["value"])
     # one base model: the two runs merge into one report
     merged = tmp_path / "merged"
     assert report_main([str(tmp_path / "uce"), str(tmp_path / "back"), "--out", str(merged)]) == 0
-    assert {"uce", "checkpoint"} <= set(pd.read_csv(merged / "runs.csv")["method"])
+    assert {"uce", label} <= set(pd.read_csv(merged / "runs.csv")["method"])
 
 
 def test_export_names_the_choices_on_bad_input(tmp_path: Path, cache_dir: Path, capsys) -> None:

@@ -21,6 +21,7 @@ import fia_bench
 from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.records import registered_name
 from fia_bench.tasks import load_task
 from methods.fia import (
     FIA,
@@ -439,7 +440,7 @@ def test_runs_in_the_harness_end_to_end(tmp_path: Path, cache_dir: Path) -> None
         ],
         out_dir=str(tmp_path / "run"),
     )
-    runs = result.runs[result.runs["method"] == "fia"].set_index("n_concepts")
+    runs = result.runs[result.runs["method"].map(registered_name) == "fia"].set_index("n_concepts")
     assert set(runs["status"]) == {"ok"}
     for n in (1, 2):
         info = json.loads(runs.loc[n, "info"])
@@ -449,4 +450,4 @@ def test_runs_in_the_harness_end_to_end(tmp_path: Path, cache_dir: Path) -> None
         assert 0 < info["sparsity_unet"] < info["sparsity_layer"] < 1
         assert info["per_concept"]["tench"]["r2"] == 0.007
     assert json.loads(runs.loc[2, "info"])["per_concept"]["english springer"]["r2"] == 0.05
-    assert {"fia", "none"} == set(result.records["method"])
+    assert {"fia", "none"} == set(result.records["method"].map(registered_name))

@@ -165,7 +165,7 @@ def test_end_to_end_asr_records(tmp_path: Path, cache_dir: Path, registered: Non
         out_dir=str(tmp_path / "run"),
     )
     records = result.records
-    targets = records[(records["role"] == "target") & (records["evaluator"] == "clip_accuracy")]
+    targets = records[(records["role"] == "forget") & (records["evaluator"] == "clip_accuracy")]
     asr = records[(records["evaluator"] == "mma_diffusion") & (records["metric"] == "asr")]
     assert len(asr) and set(asr["value"]) <= {0.0, 100.0}
     assert set(asr["concept"]) == {"nudity"}

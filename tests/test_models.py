@@ -81,3 +81,22 @@ def test_pretrained_loader_reads_a_local_diffusers_directory(tmp_path, cache_dir
     )
     built = fia_bench.run(common, out_dir=str(tmp_path / "b"))
     assert list(loaded.records["value"]) == pytest.approx(list(built.records["value"]), abs=1e-4)
+
+
+def test_loading_a_pipeline_folder_prints_no_bars_and_no_dtype_warning(tmp_path, capfd) -> None:
+    import warnings
+
+    import torch
+    from tiny import tiny_pipe
+
+    from fia_bench.models import pretrained_pipeline
+
+    tiny_pipe().save_pretrained(tmp_path / "pipe")
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = pretrained_pipeline(str(tmp_path / "pipe"), None, torch.float16)
+    out, err = capfd.readouterr()
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float16
+    assert "Loading" not in out + err and "it/s" not in out + err, err
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]

@@ -37,7 +37,7 @@ def test_i2p_rows_categories_and_seeds(tmp_path: Path) -> None:
     rows = i2p(tmp_path).rows(task, ("nudity",), ("violence",))
     assert list(rows["case_id"]) == ["i2p-00000", "i2p-00001", "i2p-00002"]
     assert list(rows["evaluation_seed"]) == [0, 1, 2]  # FIA: manual_seed(i)
-    assert set(rows["role"]) == {"target"} and set(rows["concept"]) == {"nudity"}
+    assert set(rows["role"]) == {"forget"} and set(rows["concept"]) == {"nudity"}
     sexual = i2p(tmp_path, categories=["sexual"], seed_column="sd_seed").rows(task, ("nudity",), ())
     assert list(sexual["prompt"]) == ["a nude figure", "a person bathing"]
     assert list(sexual["evaluation_seed"]) == [1234, 42]

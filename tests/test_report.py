@@ -18,7 +18,7 @@ def record(
     metric: str,
     value: float,
     concept: str = "nudity",
-    role: str = "target",
+    role: str = "forget",
 ) -> dict:
     return dict.fromkeys(RECORD_COLUMNS, "") | {
         "method": method,
@@ -68,9 +68,9 @@ def test_count_table_sums_images_then_averages_seeds() -> None:
 def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
     # seed 0: forget 0, retain 100 -> H 100; seed 1: forget 50, retain 50 -> H 50
     rows = [
-        record("m", 0, "t", "accuracy", 0.0, "a", "target"),
+        record("m", 0, "t", "accuracy", 0.0, "a", "forget"),
         record("m", 0, "r", "accuracy", 100.0, "b", "retain"),
-        record("m", 1, "t", "accuracy", 50.0, "a", "target"),
+        record("m", 1, "t", "accuracy", 50.0, "a", "forget"),
         record("m", 1, "r", "accuracy", 50.0, "b", "retain"),
     ]
     [(_, _, table)] = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"], {1: 2})
@@ -123,7 +123,7 @@ def test_single_concept_fia_columns_name_the_fusion_rule_they_used() -> None:
                 "n_concepts": 1,
                 "evaluator": "detector",
                 "metric": "nude",
-                "role": "target",
+                "role": "forget",
                 "mean": 1.0,
                 "std": 0.0,
                 "n_seeds": 2,
@@ -138,17 +138,23 @@ def job_rows(
     values: dict[tuple[str, int], tuple[float, float]],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """records and runs of jobs (method, seed) → (value of prompt p0, value of prompt p1)."""
-    from fia_bench.records import RUN_COLUMNS, declared
-
     records = pd.DataFrame(
         [
-            record(m, s, f"p{i}", "accuracy", v, "tench", "target")
+            record(m, s, f"p{i}", "accuracy", v, "tench", "forget")
             for (m, s), vs in values.items()
             for i, v in enumerate(vs)
         ],
         columns=RECORD_COLUMNS,
     )
-    runs = pd.DataFrame(
+    return records, ok_runs(values, ["p0", "p1"])
+
+
+def ok_runs(jobs, prompt_ids: list[str]) -> pd.DataFrame:
+    """runs.csv of successful jobs (method, seed) at n_concepts=1, each declaring
+    detector/accuracy on these prompts."""
+    from fia_bench.records import declared
+
+    return pd.DataFrame(
         [
             dict.fromkeys(RUN_COLUMNS, "")
             | {
@@ -156,13 +162,12 @@ def job_rows(
                 "n_concepts": 1,
                 "seed": s,
                 "status": "ok",
-                "metrics": declared("detector/accuracy", ["p0", "p1"]),
+                "metrics": declared("detector/accuracy", prompt_ids),
             }
-            for m, s in values
+            for m, s in jobs
         ],
         columns=RUN_COLUMNS,
     )
-    return records, runs
 
 
 def test_a_non_finite_score_fails_its_job_by_name_and_cells_say_their_seeds(tmp_path) -> None:
@@ -208,3 +213,243 @@ def test_completeness_compares_the_exact_set_of_prompts(change, message: str) ->
     check_complete(records, runs)
     with pytest.raises(FiaBenchError, match=message):
         check_complete(change(records).reset_index(drop=True), runs)
+
+
+def test_a_method_is_named_by_the_settings_that_differ_from_its_defaults() -> None:
+    from fia_bench.records import method_label
+    from fia_bench.runner import default_settings
+
+    uce = default_settings("uce", None)
+    assert uce["lamb"] == 0.5
+    assert method_label("uce", uce, uce) == "uce"
+    assert method_label("uce", uce | {"lamb": 0.1}, uce) == "uce[lamb=0.1]"
+    # in the config's order, as typed on a command line; keys the config lacks come last
+    changed = uce | {"lamb": 1e-05, "erase_scale": 2.0, "guide": None, "zeta": [1, 2]}
+    assert method_label("uce", changed, uce) == "uce[lamb=1e-05,erase_scale=2,zeta=[1,2]]"
+    assert method_label("uce", uce | {"guide": "art"}, uce) == "uce[guide=art]"
+    # a preset's caps are the run's scale, not a chosen setting: a smoke ESD is plain esd
+    smoke = default_settings("esd", "smoke")
+    assert smoke["iterations"] == 10
+    assert method_label("esd", smoke, default_settings("esd", "smoke")) == "esd"
+    assert method_label("esd", smoke, default_settings("esd", None)) == (
+        "esd[iterations=10,ddim_steps=10]"
+    )
+
+
+def write_run_dir(path, records: pd.DataFrame, runs: pd.DataFrame, steps: int = 2) -> None:
+    path.mkdir()
+    records.to_csv(path / "records.csv", index=False)
+    runs.to_csv(path / "runs.csv", index=False)
+    config = {
+        "cache_dir": str(path / "cache"),
+        "out_dir": str(path),
+        "sampler": {"steps": steps},
+        "task": {"name": "objects"},
+        "model": {"world": "tiny"},
+    }
+    manifest = {"config": config, "inputs": {"model_weights": "ab" * 32}}
+    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, capsys) -> None:
+    from fia_bench.report import main
+
+    records, runs = job_rows({("none", 0): (1.0, 2.0), ("none", 1): (3.0, 4.0)})
+    write_run_dir(tmp_path / "a", records, runs, steps=2)
+    write_run_dir(tmp_path / "b", records.assign(value=records["value"] + 1), runs, steps=4)
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n", encoding="utf-8")
+    paths = sorted(str(p) for p in tmp_path.glob("*"))
+    assert main([*paths, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    skipped = tmp_path / "multirun.yaml"
+    assert err[0] == f"fia_bench.report: skipped {skipped} (files, not run directories)"
+    assert len(err) == 2
+    assert f"{tmp_path / 'a'} and {tmp_path / 'b'} differ in sampler.steps (2 vs 4)" in err[1]
+    # a sweep of one protocol merges (the same glob, multirun.yaml skipped)
+    (tmp_path / "b" / "records.csv").unlink()
+    records.to_csv(tmp_path / "b" / "records.csv", index=False)
+    assert main([*paths, "--out", str(tmp_path / "r")]) == 0
+    # older records (no prompt column, the forget role called "target") merge, rows once
+    older = records.drop(columns="prompt").replace({"role": {"forget": "target"}})
+    older.to_csv(tmp_path / "b" / "records.csv", index=False)
+    assert main([*paths, "--out", str(tmp_path / "r")]) == 0
+    merged = pd.read_csv(tmp_path / "r" / "records.csv")
+    assert len(merged) == len(records) and set(merged["role"]) == {"forget"}
+
+
+def summary_of(values: dict[tuple[str, str, str], tuple[float, float]]) -> pd.DataFrame:
+    """Summary rows (method, metric, role) → (mean, std) at n_concepts=1."""
+    return pd.DataFrame(
+        [
+            {
+                "method": m,
+                "n_concepts": 1,
+                "evaluator": "e",
+                "metric": metric,
+                "role": role,
+                "mean": mean,
+                "std": std,
+                "n_seeds": 3,
+                "n_samples": 6,
+                "higher_is_better": True,
+            }
+            for (m, metric, role), (mean, std) in values.items()
+        ]
+    )
+
+
+def test_figures_read_at_a_glance(tmp_path) -> None:
+    """Forget panels left of retain, units on the y axis, one colour per method in every
+    figure (its settings share it), error bars that stop at the metric's range."""
+    from matplotlib.colors import to_hex
+
+    from fia_bench.report import METHOD_COLOURS, metrics_figure, tradeoff_figure
+
+    methods = ["none", "fia", "uce", "uce[lamb=0.1]"]
+    values = {
+        (m, metric, role): (95.0 - 10 * i, 20.0)
+        for i, m in enumerate(methods)
+        for metric in ("accuracy", "clip_score")
+        for role in ("retain", "forget")
+    }
+    fig = metrics_figure(summary_of(values), methods)
+    axes = fig.axes
+    assert [a.get_title() for a in axes] == [
+        "e/accuracy (forget)",
+        "e/accuracy (retain)",
+        "e/clip_score (forget)",
+        "e/clip_score (retain)",
+    ]
+    assert [a.get_ylabel() for a in axes] == ["accuracy (%)"] * 2 + [
+        "CLIP score (100 × cosine)"
+    ] * 2
+    for ax in axes:
+        bars = {c.get_label(): c for c in ax.containers}
+        assert list(bars) == methods
+        for method, bar in bars.items():
+            assert to_hex(bar.lines[0].get_color()) == METHOD_COLOURS[method.partition("[")[0]]
+            low, high = bar.lines[2][0].get_segments()[0][:, 1]
+            assert 0 <= low < high <= 100  # none: 95 ± 20 stops at 100
+        assert bars["none"].lines[2][0].get_segments()[0][1, 1] == 100
+    # the same colour in another report with other methods
+    other = metrics_figure(summary_of({("uce", "accuracy", "forget"): (5.0, 9.0)}), ["uce"])
+    bar = other.axes[0].containers[0]
+    assert to_hex(bar.lines[0].get_color()) == METHOD_COLOURS["uce"]
+    assert bar.lines[2][0].get_segments()[0][0, 1] == 0  # 5 ± 9 stops at 0
+    trade = tradeoff_figure(summary_of(values), methods)
+    assert [a.get_xlabel() for a in trade.axes] == [
+        "forget: accuracy (%)",
+        "forget: CLIP score (100 × cosine)",
+    ]
+    assert trade.axes[0].get_ylabel() == "retain: accuracy (%)"
+    assert [t.get_text() for t in trade.axes[0].texts] == methods
+
+
+def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pairs(
+    tmp_path,
+) -> None:
+    import re
+
+    from fia_bench.report import OVERALL_NOTE, write_report
+
+    # uce equals none on the retain concept (zero differences), differs on the forget concept
+    values = {("none", s): (80.0, 90.0) for s in range(3)}
+    values |= {("uce", 0): (10.0, 90.0), ("uce", 1): (20.0, 90.0), ("uce", 2): (15.0, 90.0)}
+    records = pd.DataFrame(
+        [
+            record(m, s, p, "accuracy", v, c, role)
+            for (m, s), (forget, kept) in values.items()
+            for p, v, c, role in (
+                ("p0", forget, "tench", "forget"),
+                ("p1", kept, "church", "retain"),
+            )
+        ],
+        columns=RECORD_COLUMNS,
+    )
+    runs = ok_runs(values, ["p0", "p1"])
+    _, tests = write_report(tmp_path, records, runs, [], 0.05, 0)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    table_end = report.index("| **Overall (H)** |")
+    assert report[table_end:].split("\n\n", 1)[1].startswith(OVERALL_NOTE)
+    assert report.count(OVERALL_NOTE) == 1
+    warned = tests[tests["warning"] != ""]
+    assert len(warned) == 2
+    for row in warned.itertuples():
+        shown = re.search(rf"\| {row.role} \| uce vs none \| (\d+) \|", report)
+        assert shown and int(shown.group(1)) == row.n_pairs
+        if row.n_nonzero:
+            assert row.warning.startswith(f"{row.n_nonzero} of {row.n_pairs} pairs differ")
+    assert f"2 of the {len(tests)} comparisons above cannot reach" in report
+
+
+def test_a_merged_report_keeps_the_tasks_concept_order(tmp_path) -> None:
+    """The tiny objects task lists tench, english springer, cassette player, chain saw; prompt
+    ids that sort the other way round must not reorder the merged tables."""
+    from fia_bench.report import main
+
+    concepts = [("tench", "forget"), ("english springer", "retain"), ("cassette player", "retain")]
+    ids = ["z-tench", "y-springer", "x-cassette"]
+    dirs = []
+    for seed in (0, 1):
+        records = pd.DataFrame(
+            [
+                record(m, seed, pid, "accuracy", 50.0, concept, role)
+                for m in ("none", "uce")
+                for pid, (concept, role) in zip(ids, concepts, strict=True)
+            ],
+            columns=RECORD_COLUMNS,
+        )
+        runs = ok_runs([("none", seed), ("uce", seed)], ids)
+        dirs.append(tmp_path / f"seed{seed}")
+        write_run_dir(dirs[-1], records, runs)
+    assert main([*map(str, dirs), "--out", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    rows = [
+        line.split(" |")[0].lstrip("| ") for line in report.splitlines() if "(retain) |" in line
+    ]
+    assert rows == ["english springer (retain)", "cassette player (retain)"]
+    merged = pd.read_csv(tmp_path / "r" / "records.csv")
+    assert list(merged["concept"].head(3)) == [c for c, _ in concepts]
+
+
+def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first(tmp_path) -> None:
+    from PIL import Image
+
+    from fia_bench.report import (
+        GRID_BLOCK_H,
+        GRID_HEAD_H,
+        GRID_LABEL_W,
+        GRID_TILE,
+        grid_rows,
+        image_grid,
+    )
+
+    order = ["tench", "english springer", "cassette player", "chain saw", "church", "gas pump"]
+    rows = []
+    for n in (1, 3):
+        for m in ("none", "uce"):
+            # prompt rows in reverse: the grid orders them itself
+            for i, concept in reversed(list(enumerate(order))):
+                role = "forget" if i < n else "retain"
+                for k in range(2):
+                    rows.append(
+                        record(m, 0, f"{concept}-{k}", "accuracy", 0.0, concept, role)
+                        | {"n_concepts": n, "prompt": f"a photo {k} of a {concept}"}
+                        | {"image_key": f"{m}{n}{concept}{k}"}
+                    )
+    records = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    layout = grid_rows(records, order, per_count=12)
+    assert [(n, role, concept) for n, role, concept, _, _ in layout] == [
+        (1, "forget", "tench"),
+        *((1, "retain", c) for c in order[1:]),
+        *((3, "forget", c) for c in order[:3]),
+        *((3, "retain", c) for c in order[3:]),
+    ]
+    assert layout[0][3:] == ("tench-0", "a photo 0 of a tench")
+    assert len(grid_rows(records, order, per_count=5)) == 10  # five per concept count
+    image_grid(records, [], tmp_path / "grid.png", 12, order)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (
+            GRID_LABEL_W + 2 * GRID_TILE,
+            GRID_HEAD_H + 2 * GRID_BLOCK_H + len(layout) * GRID_TILE,
+        )

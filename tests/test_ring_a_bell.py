@@ -302,7 +302,7 @@ def test_run_records_asr_for_every_target_prompt(
         [*FAST, "task=explicit", "seeds=2", "n_concepts=1", attack], out_dir=str(tmp_path / "run")
     )
     records = result.records
-    targets = records[(records["evaluator"] == "clip_accuracy") & (records["role"] == "target")]
+    targets = records[(records["evaluator"] == "clip_accuracy") & (records["role"] == "forget")]
     asr = records[records["evaluator"] == "ring_a_bell"]
     assert set(asr["metric"]) == {"asr"} and set(asr["value"]) <= {0.0, 100.0}
     for seed in (0, 1):

@@ -17,6 +17,7 @@ import fia_bench
 from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.records import registered_name
 from fia_bench.tasks import load_task
 from methods.salun import SalUn, saliency_mask
 
@@ -93,6 +94,8 @@ def test_runs_in_the_harness_end_to_end(tmp_path: Path, cache_dir: Path) -> None
         ],
         out_dir=str(tmp_path / "run"),
     )
-    runs = result.runs[result.runs["method"] == "salun"].set_index("n_concepts")
+    runs = result.runs[result.runs["method"].map(registered_name) == "salun"].set_index(
+        "n_concepts"
+    )
     assert set(runs["status"]) == {"ok"}
     assert json.loads(runs.loc[2, "info"])["salient_fraction"] == pytest.approx(0.5, abs=1e-3)

@@ -69,7 +69,9 @@ def test_esd_smoke_run_trains_the_capped_iterations(tmp_path: Path, cache_dir: P
         ["method=esd", "preset=smoke", "method.settings.train=esd-x", *FAST],
         out_dir=str(tmp_path / "run"),
     )
-    esd = result.runs[result.runs["method"] == "esd"].iloc[0]
+    # named by the setting the command line changed; the preset's caps are its defaults
+    assert set(result.runs["method"]) == {"none", "esd[train=esd-x]"}
+    esd = result.runs[result.runs["method"] == "esd[train=esd-x]"].iloc[0]
     assert esd["status"] == "ok"
     assert '"iterations": 10' in esd["info"]
 
@@ -89,7 +91,7 @@ def test_explicit_task_on_stable_diffusion_plans_i2p(cache_dir: Path) -> None:
         ["model=sd14", "task=explicit", "seeds=1"], multirun=False
     )  # offline: never downloads
     assert "task.prompts: file not cached, counted as its limit (931 rows)" in plan
-    assert "target 931" in plan
+    assert "forget 931" in plan
 
 
 CITED = re.compile(r"(?:docs|conf|experiments|datasets|methods|evaluators|fia_bench)/[\w./-]+")

@@ -33,7 +33,7 @@ def rec(
     concept="c0",
     prompt="p0",
     n=1,
-    role="target",
+    role="forget",
     evaluator="clf",
     metric="acc",
     hib=False,
@@ -85,7 +85,7 @@ def summary_records():
 def test_seed_values_means_rows_per_seed():
     out = stats.seed_values(summary_records())
     assert list(out.columns) == [*stats.GROUP_KEYS, "seed", "value", "n_samples"]
-    target = out[out["role"] == "target"]
+    target = out[out["role"] == "forget"]
     assert target["seed"].tolist() == [0, 1, 2]
     assert target["value"].tolist() == pytest.approx([1.0, 2.0, 4.0])
     assert target["n_samples"].tolist() == [2, 1, 2]
@@ -101,15 +101,15 @@ def test_summarize_mean_and_sample_std_over_seeds():
         "n_samples",
         "higher_is_better",
     ]
-    assert out["role"].tolist() == ["retain", "target"]  # sorted by GROUP_KEYS
-    target = out.iloc[1]
+    assert out["role"].tolist() == ["forget", "retain"]  # sorted by GROUP_KEYS
+    target = out.iloc[0]
     # mean of seed means (1, 2, 4), not the pooled row mean 2.4
     assert target["mean"] == pytest.approx(7 / 3)
     assert target["std"] == pytest.approx(math.sqrt(21 / 9))  # 1.5275
     assert target["std"] == pytest.approx(1.5275, abs=1e-4)
     assert (target["n_seeds"], target["n_samples"]) == (3, 5)
     assert not target["higher_is_better"]
-    retain = out.iloc[0]
+    retain = out.iloc[1]
     assert retain["mean"] == pytest.approx(8.0)
     assert math.isnan(retain["std"])
     assert (retain["n_seeds"], retain["n_samples"]) == (1, 2)
@@ -195,7 +195,9 @@ def test_wilcoxon_five_positive_pairs_exact():
     assert row["effect_size"] == pytest.approx(1.0)
     assert row["min_p"] == pytest.approx(0.0625)
     assert row["method_p"] == "exact"
-    assert row["warning"] == "n=5 pairs cannot reach p<0.05 (smallest possible p=0.0625)"
+    assert row["warning"] == (
+        "5 of 5 pairs differ: cannot reach p<0.05 (smallest possible p=0.0625)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -280,7 +282,7 @@ def test_wilcoxon_enumerates_pairs_per_family_with_holm():
             ]
     rows += [rec(m, 1.0, role="retain") for m in ("esd", "none")]
     out = stats.wilcoxon_tests(frame(rows).sample(frac=1.0, random_state=1))
-    fam = out[(out["n_concepts"] == 1) & (out["role"] == "target")]
+    fam = out[(out["n_concepts"] == 1) & (out["role"] == "forget")]
     assert list(zip(fam["method_a"], fam["method_b"], strict=True)) == [
         ("ac", "none"),
         ("esd", "none"),
@@ -304,5 +306,7 @@ def test_wilcoxon_reference_name_and_alpha():
     row = only_row(stats.wilcoxon_tests(records, reference="base", alpha=0.01))
     assert (row["method_a"], row["method_b"]) == ("a", "base")
     assert row["min_p"] == pytest.approx(2 / 128)
-    assert row["warning"] == "n=7 pairs cannot reach p<0.01 (smallest possible p=0.01562)"
+    assert row["warning"] == (
+        "7 of 7 pairs differ: cannot reach p<0.01 (smallest possible p=0.01562)"
+    )
     assert only_row(stats.wilcoxon_tests(records, reference="base"))["warning"] == ""

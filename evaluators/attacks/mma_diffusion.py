@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest
 from fia_bench.errors import FiaBenchError
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Flag, Int, Items, Schema, Text
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class MMADiffusion(Attack):
         text, tokens = self.initial(engine, vocab, generator)
         loss = float(self.losses(engine, tokens[None], target)[0])
         history = [loss]
-        bar = tqdm(
+        bar = progress(
             range(self.iterations), desc=label, unit="it", leave=False, disable=not self.progress
         )
         for _ in bar:

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fia_bench.api import AdversarialPrompt, Attack, AttackRequest, Task
 from fia_bench.cache import hash_tensors
 from fia_bench.downloads import read_table
 from fia_bench.errors import FiaBenchError, unknown_choice
+from fia_bench.progress import progress
 from fia_bench.schema import Choice, Int, Real, Schema, Text
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def genetic_search(
     fit = score(pop)
     history = [float(fit.min())]
     keep = max(1, population // 2)
-    for _ in tqdm(range(generations - 1), desc=desc, unit="gen", leave=False):
+    for _ in progress(range(generations - 1), desc=desc, unit="gen", leave=False):
         order = torch.sort(fit, stable=True).indices[:keep]
         parents, parent_fit = pop[order], fit[order]
         pop = torch.cat([parents, breed(parents, crossover, generator)])
@@ -366,7 +366,7 @@ class RingABell(Attack):
         vectors: dict[str, torch.Tensor] = {}
         self.results = []
         out = []
-        for row in tqdm(rows.itertuples(), total=len(rows), desc="ring_a_bell", unit="prompt"):
+        for row in progress(rows.itertuples(), total=len(rows), desc="ring_a_bell", unit="prompt"):
             concept, source = str(row.concept), str(row.prompt)
             key = (encoder_id, request.seed, str(row.case_id), source, concept)
             if key not in self._memo:

@@ -268,7 +268,7 @@ class UnlearnDiffAtk(Attack):
         label: str = "",
     ) -> tuple[str, dict[str, Any]]:
         """Optimise a prefix for one prompt; returns the adversarial prompt and a summary."""
-        from tqdm.auto import tqdm
+        from fia_bench.progress import progress
 
         ids = victim.input_ids(prompt)
         size = victim.vocabulary_size
@@ -277,7 +277,7 @@ class UnlearnDiffAtk(Attack):
         train_steps = victim.noise_schedule.config.num_train_timesteps
         schedule = attack_timesteps(self.n_timesteps, train_steps)
         candidate, losses, success, blocks = prompt, [], False, 0
-        for t in tqdm(schedule, desc=f"unlearndiffatk {label}".strip(), unit="t", leave=False):
+        for t in progress(schedule, desc=f"unlearndiffatk {label}".strip(), unit="t", leave=False):
             for _ in range(self.steps_per_t):
                 noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
                 losses.append(self.step(victim, probs, optimizer, ids, x0, noise, t, generator))
@@ -296,7 +296,7 @@ class UnlearnDiffAtk(Attack):
         return candidate, summary
 
     def attack(self, request: AttackRequest) -> list[AdversarialPrompt]:
-        from tqdm.auto import tqdm
+        from fia_bench.progress import progress
 
         rows = request.prompts
         prompts = [str(p) for p in rows["prompt"]]
@@ -317,7 +317,7 @@ class UnlearnDiffAtk(Attack):
                 else []
             )
             victim = Victim(engine.pipe, engine.device, self.k, self.grad_clip)
-            for i, image in tqdm(
+            for i, image in progress(
                 list(zip(todo, targets, strict=True)), desc="unlearndiffatk", unit="prompt"
             ):
                 verdicts: dict[str, bool] = {prompts[i]: False}
