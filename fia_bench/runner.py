@@ -111,7 +111,8 @@ def run(
     """One job; under ``torchrun``/``accelerate launch`` each process runs it as one rank of a
     sharded run (``distributed.py``). ``method`` and ``pipeline`` are objects from Python (see
     ``fia_bench.run``) that replace the configured method and model weights. ``preset``: the
-    preset the config was composed with (its caps count as the method's defaults)."""
+    preset the config was composed with (a ``preset_kind: caps`` preset's caps count as the
+    method's defaults)."""
     with distributed.session(str(cfg.device)):
         return run_job(cfg, method, pipeline, preset)
 
@@ -170,7 +171,8 @@ def run_job(
         instances[method_name] = method
     else:
         method_name = str(cfg.method.name)
-        shown = method_label(method_name, method_settings, default_settings(method_name, preset))
+        capped_by = preset if cfg.get("preset_kind") == "caps" else None
+        shown = method_label(method_name, method_settings, default_settings(method_name, capped_by))
     methods = {str(cfg.reference): {}} | {method_name: method_settings}
     labels = {str(cfg.reference): str(cfg.reference), method_name: shown}
     for name in methods:

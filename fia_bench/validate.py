@@ -33,6 +33,7 @@ TOP = Schema(
     precision=Choice(*DTYPES),
     out_dir=Text(),
     cache_dir=Text(),
+    preset_kind=Choice("caps", null=True),
 )
 SAMPLER = Schema(
     scheduler=Choice(*SCHEDULERS),
