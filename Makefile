@@ -42,10 +42,16 @@ mini-world: $(STAMP)
 mini-world-card: $(STAMP)
 	$(PY) -m fia_bench.miniworld evaluate $(ARGS)
 
-# The five methods on the mini world (docs/results_mini.md), merged into one report. Runs are
+# Every method plugin on the mini world (docs/results_mini.md), merged into one report. Runs are
 # cached, so it can be built a few methods at a time: make results-mini METHODS=fia,uce
+# The closed forms (uce, scapre, speed, rece) and pruning (fia, conceptprune) erase in seconds;
+# sld and safree edit nothing and cost up to 1.5x the UNet work on every image they make. The
+# fine-tuning methods take minutes per erasure on 2 CPU cores (benchmarks/README.md, README.md):
+# esd 4-6 min, dynamic_mask about 1 min per concept, fmn and mace under half a minute, ac about
+# 6 min (5 of them its anchor images, cached after the first erasure) and salun about 5 min (half
+# of it its forget and retain images, also cached).
 RESULTS_MINI := multirun/results_mini
-METHODS ?= fia,scapre,dynamic_mask,esd,uce
+METHODS ?= fia,scapre,dynamic_mask,esd,uce,conceptprune,mace,speed,rece,ac,fmn,salun,sld,safree
 results-mini: $(STAMP)
 	$(PY) -m fia_bench -m method=$(METHODS) task=objects \
 		'n_concepts=[1,5,10]' seeds=3 task.prompts.settings.per_concept=8 \

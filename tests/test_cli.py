@@ -10,6 +10,9 @@ import pandas as pd
 import pytest
 from conftest import FAST, cli
 
+import fia_bench
+from fia_bench.report import main as report_main
+
 TABLES = ("report.md", "report.tex", "summary.csv", "tests.csv", "records.csv", "runs.csv")
 
 
@@ -19,15 +22,20 @@ def generated(stdout: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> None:
+def test_run_writes_tables_and_rerun_is_served_from_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "cache"
     args = [*FAST, "seeds=2", "n_concepts=[1,3]"]
     first = cli([*args, f"hydra.run.dir={tmp_path / 'a'}"], cache, tmp_path)
-    second = cli([*args, f"hydra.run.dir={tmp_path / 'b'}"], cache, tmp_path)
+    # the rerun in this process (no second start-up): served from the cache, scores included,
+    # so it writes the command line's tables byte for byte
+    monkeypatch.setenv("FIA_BENCH_CACHE", str(cache))
+    second = fia_bench.run(args, out_dir=str(tmp_path / "b"))
 
     # 10 concepts x 2 prompts x 2 seeds; the n=3 split reuses n=1's images (same prompts, seeds).
     assert generated(first.stdout) == (40, 40)
-    assert generated(second.stdout) == (0, 80)
+    assert (second.counts["images_generated"], second.counts["images_cached"]) == (0, 80)
     for name in TABLES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     for name in ("metrics_vs_n.png", "grid.png", "manifest.json"):
@@ -51,7 +59,7 @@ def test_run_writes_tables_and_rerun_is_served_from_cache(tmp_path: Path) -> Non
     assert "[fia_bench] jobs: 4/4 job (" in first.stderr
 
 
-def test_multirun_and_report_merge(tmp_path: Path) -> None:
+def test_multirun_and_report_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A sweep over a method's settings merges into one report, each setting a method of its
     own named by what differs from the defaults (UCE's lamb is 0.5 by default), through the
     README's literal glob over the sweep folder (which also matches Hydra's multirun.yaml)."""
@@ -99,24 +107,21 @@ def test_multirun_and_report_merge(tmp_path: Path) -> None:
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     manifest["inputs"]["model_weights"] = "0" * 64
     (runs[0] / "manifest.json").write_text(json.dumps(manifest))
-    refused = cli(
-        [*map(str, runs), "--out", str(tmp_path / "mixed")],
-        cache,
-        tmp_path,
-        module="fia_bench.report",
-        check=False,
-    )
-    assert refused.returncode == 2
-    assert "runs of model 'tiny_random' loaded different weights" in refused.stderr
+    # (in this process: the command line's one-line errors are tested below)
+    assert report_main([*map(str, runs), "--out", str(tmp_path / "mixed")]) == 2
+    assert "runs of model 'tiny_random' loaded different weights" in capsys.readouterr().err
 
 
-def test_wandb_logger_writes_an_offline_run(tmp_path: Path) -> None:
+def test_wandb_logger_writes_an_offline_run_in_out_dir_and_no_dated_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
     cli(
-        [*FAST, "seeds=1", "n_concepts=1", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"],
+        [*FAST, "seeds=1", "n_concepts=1", "logger=wandb", f"out_dir={out}"],
         tmp_path / "cache",
         tmp_path,
     )
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert (out / "report.md").is_file()
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "outputs").exists()  # out_dir= replaces Hydra's dated run folder
 
 
 def test_report_refuses_a_directory_without_results(tmp_path: Path) -> None:

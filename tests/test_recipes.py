@@ -257,16 +257,24 @@ def smoke_overrides(name: str) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def mini_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for every smoke run, as a user's recipes share one: the unedited model's images
+    and scores on a task, and the edits several recipes pin alike, are made once."""
+    return tmp_path_factory.mktemp("mini_cache")
+
+
 @pytest.mark.parametrize("name", MINI_RECIPES)
 def test_mini_recipe_runs_at_smoke_size_and_compares(
-    name: str, tmp_path: Path, cache_dir: Path
+    name: str, tmp_path: Path, mini_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("FIA_BENCH_CACHE", str(mini_cache))
     result = fia_bench.run(smoke_overrides(name), out_dir=str(tmp_path / "run"))
     cfg = composed(name)
     assert set(result.runs["status"]) == {"ok"}
     # the shrunk settings name the method (fia[saliency_steps=1,...]); rows still match it
     assert set(result.runs["method"].map(registered_name)) == {"none", str(cfg.method.name)}
-    assert result.counts["images_generated"] > 0
+    assert result.counts["images_generated"] + result.counts["images_cached"] > 0
     report = compare([tmp_path / "run"])
     recipe = plain(cfg.recipe)
     for spec in recipe["metrics"]:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from conftest import cli, on_test_model
 
+# 40 images in batches of 2: the run is killed a few batches in, long before it ends
 ARGS = [
-    "sampler.steps=4",
-    "task.prompts.settings.per_concept=4",
+    "sampler.steps=2",
+    "task.prompts.settings.per_concept=2",
     "sampler.batch_size=2",
     "seeds=2",
     "n_concepts=[1,2]",

@@ -1,6 +1,6 @@
 """Small promises the README makes: ``preset=smoke`` is small for every method and attack,
-``task=explicit`` on Stable Diffusion is I2P, recipes cite documents the repository has, and a
-run given ``out_dir=`` leaves no dated Hydra folder behind."""
+``task=explicit`` on Stable Diffusion is I2P, and recipes cite documents the repository has (that
+a run given ``out_dir=`` leaves no dated Hydra folder behind is tested in tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, cli
+from conftest import FAST, REPO
 
 import fia_bench
 from fia_bench.errors import FiaBenchError
@@ -122,10 +122,3 @@ def test_recipes_cite_only_documents_in_the_repository(recipe: Path) -> None:
     cited = cited_documents(recipe)
     missing = [c for c in cited if not (REPO / c).exists()]
     assert not missing, f"{recipe.relative_to(REPO)} cites {missing}"
-
-
-def test_out_dir_leaves_no_dated_hydra_folder(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    cli(["method=none", "preset=smoke", f"out_dir={out}", *FAST], tmp_path / "cache", tmp_path)
-    assert (out / "report.md").is_file()
-    assert not (tmp_path / "outputs").exists()
