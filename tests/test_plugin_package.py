@@ -111,11 +111,12 @@ def test_an_installed_plugin_runs_from_its_own_config(installed: Path, tmp_path:
     args = ["method=theirs", "preset=smoke", "method.settings.factor=0.25", f"out_dir={out}"]
     cli(args, tmp_path / "cache", tmp_path, env=on_path(installed))
     runs = pd.read_csv(out / "runs.csv")
-    theirs = runs[runs["method"] == "theirs"]
+    # named by the setting that differs from its own config's default, as ours are
+    theirs = runs[runs["method"] == "theirs[factor=0.25]"]
     assert list(theirs["status"]) == ["ok"]
     info = " ".join(map(str, theirs.iloc[0].tolist()))
     assert "scaled" in info  # what its erase() returned reaches the records
-    assert set(pd.read_csv(out / "records.csv")["method"]) == {"none", "theirs"}
+    assert set(pd.read_csv(out / "records.csv")["method"]) == {"none", "theirs[factor=0.25]"}
 
     # the plugin's settings are checked as ours are, from its own SETTINGS and config
     typo = cli(
