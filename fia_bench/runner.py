@@ -138,6 +138,14 @@ def default_settings(name: str, preset: str | None) -> dict[str, Any]:
     return plain(cfg.method.get("settings"))
 
 
+def label_defaults(cfg: DictConfig, preset: str | None) -> dict[str, Any]:
+    """What a run's label names its changed settings against: the method's config, with the
+    preset's values only when the preset just caps budgets (``preset_kind: caps``); a tuned
+    preset's values are changes the label shows."""
+    capped_by = preset if cfg.get("preset_kind") == "caps" else None
+    return default_settings(str(cfg.method.name), capped_by)
+
+
 def instance_identity(method: Method) -> dict[str, Any]:
     """What the erase cache keys a Method object by: its class and its attributes (as text), so
     two objects configured differently never share an edit."""
@@ -171,8 +179,7 @@ def run_job(
         instances[method_name] = method
     else:
         method_name = str(cfg.method.name)
-        capped_by = preset if cfg.get("preset_kind") == "caps" else None
-        shown = method_label(method_name, method_settings, default_settings(method_name, capped_by))
+        shown = method_label(method_name, method_settings, label_defaults(cfg, preset))
     methods = {str(cfg.reference): {}} | {method_name: method_settings}
     labels = {str(cfg.reference): str(cfg.reference), method_name: shown}
     for name in methods:

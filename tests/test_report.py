@@ -216,8 +216,10 @@ def test_completeness_compares_the_exact_set_of_prompts(change, message: str) ->
 
 
 def test_a_method_is_named_by_the_settings_that_differ_from_its_defaults() -> None:
+    import fia_bench
     from fia_bench.records import method_label
-    from fia_bench.runner import default_settings
+    from fia_bench.runner import default_settings, label_defaults
+    from fia_bench.validate import plain
 
     uce = default_settings("uce", None)
     assert uce["lamb"] == 0.5
@@ -227,11 +229,14 @@ def test_a_method_is_named_by_the_settings_that_differ_from_its_defaults() -> No
     changed = uce | {"lamb": 1e-05, "erase_scale": 2.0, "guide": None, "zeta": [1, 2]}
     assert method_label("uce", changed, uce) == "uce[lamb=1e-05,erase_scale=2,zeta=[1,2]]"
     assert method_label("uce", uce | {"guide": "art"}, uce) == "uce[guide=art]"
-    # a preset's caps are the run's scale, not a chosen setting: a smoke ESD is plain esd
-    smoke = default_settings("esd", "smoke")
-    assert smoke["iterations"] == 10
-    assert method_label("esd", smoke, default_settings("esd", "smoke")) == "esd"
-    assert method_label("esd", smoke, default_settings("esd", None)) == (
+    # a capping preset's values are the run's scale, not a chosen setting: a smoke ESD is plain
+    # esd; a preset that does not declare preset_kind: caps is named by what it changes
+    capped = fia_bench.compose(["method=esd", "preset=smoke"])
+    smoke = plain(capped.method.settings)
+    assert smoke["iterations"] == 10 and capped.preset_kind == "caps"
+    assert method_label("esd", smoke, label_defaults(capped, "smoke")) == "esd"
+    tuned = fia_bench.compose(["method=esd", "preset=smoke", "preset_kind=null"])
+    assert method_label("esd", smoke, label_defaults(tuned, "smoke")) == (
         "esd[iterations=10,ddim_steps=10]"
     )
 
