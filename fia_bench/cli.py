@@ -121,6 +121,12 @@ def check_overrides(argv: list[str]) -> None:
             continue
         options = group_options(sources, key)  # nested by their path: experiment=fia/table1
         if options is not None:
+            swept = [o.strip() for o in value.split(",")] if not value.startswith("[") else []
+            if "null" in swept and len(swept) > 1:
+                raise FiaBenchError(
+                    f"'{arg}': Hydra cannot sweep a config group over null; run the null case "
+                    f"as its own command, without {key}=, and merge the two with fia_bench.report"
+                )
             for option in value.strip("[]").split(","):
                 option = option.strip()
                 if option and option != "null" and option not in options:

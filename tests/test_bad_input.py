@@ -129,6 +129,7 @@ CLI_CASES = [
     (["seeds=[1,"], "'seeds=[1,' is not a valid override"),
     (["sampler.stepz=3"], "unknown config key 'sampler.stepz'"),
     (["method=uec"], "unknown method 'uec'"),
+    (["preset=null,smoke"], "cannot sweep a config group over null"),
     # code named on the command line is refused
     (["+hydra.callbacks.x._target_=os.makedirs"], "never by import path"),
     (["+method._target_=os.system"], "never by import path"),
