@@ -121,19 +121,17 @@ def check_overrides(argv: list[str]) -> None:
             continue
         options = group_options(sources, key)  # nested by their path: experiment=fia/table1
         if options is not None:
-            swept = [o.strip() for o in value.split(",")] if not value.startswith("[") else []
-            if "null" in swept and len(swept) > 1:
+            chosen = [o.strip() for o in value.strip("[]").split(",")]
+            swept = len(chosen) > 1 and not value.startswith("[")
+            if swept and "null" in chosen:
                 raise FiaBenchError(
                     f"'{arg}': Hydra cannot sweep a config group over null; run the null case "
                     f"as its own command, without {key}=, and merge the two with fia_bench.report"
                 )
-            for option in value.strip("[]").split(","):
-                option = option.strip()
+            for option in chosen:
                 if option and option != "null" and option not in options:
                     raise unknown_choice(key, option, options, f"{key}=")
-            selections.append(
-                arg if "," not in value or value.startswith("[") else f"{key}={value.split(',')[0]}"
-            )
+            selections.append(f"{key}={chosen[0]}" if swept else arg)
         else:
             settings.append(key)
     if not settings:
