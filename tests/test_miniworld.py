@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +17,14 @@ from tiny import tiny_engine, toy_recipe
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
-from fia_bench.miniworld.train import TRAINED, Builder, load_tensors, lr_scale, recipe
+from fia_bench.miniworld.train import (
+    TRAINED,
+    Builder,
+    load_tensors,
+    lr_scale,
+    recipe,
+    render_set,
+)
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
 
@@ -141,6 +149,35 @@ def test_training_resumed_in_chunks_equals_uninterrupted(
     assert whole.keys() == parts.keys()
     for name, tensor in whole.items():
         assert torch.equal(tensor, parts[name]), name
+
+
+def test_a_build_carried_with_its_small_files_alone_resumes_identically(
+    toy_world: tuple[Path, Path, Path],
+) -> None:
+    """A build moved between machines may leave its renders, latents and reconstructions
+    behind (they are most of its bytes): they are made again, identically, and the stages
+    after them train to the same weights."""
+    root, path, _ = toy_world
+    carried = root / "carried"
+    carried.mkdir()
+    (carried / "vae.safetensors").write_bytes((root / "build" / "vae.safetensors").read_bytes())
+    (carried / "done.json").write_text('["data", "vae"]')
+    assert Builder(carried, out=root / "unused", recipe_path=path).run(["classifier", "generator"])
+    for name in ("latents.safetensors", "generator.safetensors"):
+        whole = load_tensors(root / "build" / name)
+        again = load_tensors(carried / name)
+        assert whole[1] == again[1], name
+        assert whole[0].keys() == again[0].keys()
+        for key, tensor in whole[0].items():
+            assert torch.equal(tensor, again[0][key]), (name, key)
+    original, rebuilt = (dict(np.load(b / "data.npz")) for b in (root / "build", carried))
+    assert all(np.array_equal(original[k], rebuilt[k]) for k in original)
+
+
+def test_the_render_set_is_the_same_for_any_number_of_workers() -> None:
+    one, three = (render_set(12, 5, 0.2, 32, "procedural", workers=w) for w in (1, 3))
+    assert one.keys() == three.keys()
+    assert all(np.array_equal(one[k], three[k]) for k in one)
 
 
 def test_learning_rate_cycles_restart_without_changing_earlier_steps() -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable
 from importlib.resources import files
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +93,44 @@ def scene_table(scenes: list[tuple[Scene, int]], world_name: str) -> dict[str, n
     }
 
 
-def render_set(
-    count: int, scene_seed: int, hazard_rate: float, size: int, world_name: str
-) -> dict[str, np.ndarray]:
-    scenes = sample_scenes(count, scene_seed, hazard_rate, world_name)
+def _render_chunk(
+    scenes: list[tuple[Scene, int]], size: int, world_name: str
+) -> tuple[np.ndarray, np.ndarray]:
     images, boxes = [], []
-    for scene, seed in tqdm(scenes, desc="render", leave=False):
+    for scene, seed in scenes:
         image, box = render_with_box(scene, seed, size, world_name)
         images.append(np.asarray(image))
         boxes.append(np.array(box, np.float32) / size)
-    return {"images": np.stack(images), "boxes": np.stack(boxes), **scene_table(scenes, world_name)}
+    return np.stack(images), np.stack(boxes)
+
+
+def render_set(
+    count: int,
+    scene_seed: int,
+    hazard_rate: float,
+    size: int,
+    world_name: str,
+    workers: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Each scene is rendered from its own seed, so the set is the same whatever the number of
+    worker processes (a GPU machine's 16 cores render 80,000 scenes in seconds)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    scenes = sample_scenes(count, scene_seed, hazard_rate, world_name)
+    chunks = [scenes[i : i + 1000] for i in range(0, len(scenes), 1000)]
+    workers = min(len(chunks), workers or os.cpu_count() or 1)
+    bar = tqdm(total=len(scenes), desc="render", leave=False)
+    parts = []
+    with ProcessPoolExecutor(workers) as pool:
+        for part in pool.map(_render_chunk, chunks, repeat(size), repeat(world_name)):
+            parts.append(part)
+            bar.update(len(part[0]))
+    bar.close()
+    return {
+        "images": np.concatenate([images for images, _ in parts]),
+        "boxes": np.concatenate([boxes for _, boxes in parts]),
+        **scene_table(scenes, world_name),
+    }
 
 
 def captions_for(
@@ -444,9 +474,51 @@ class Builder:
 
     @property
     def data(self) -> dict[str, np.ndarray]:
+        """The render set. A build carried without it (it is the largest file, and a pure
+        function of the recipe) renders it again, identically."""
         if self._data is None:
+            if not (self.build / "data.npz").exists():
+                self.stage_data()
             self._data = dict(np.load(self.build / "data.npz"))
         return self._data
+
+    def latents(self) -> tuple[torch.Tensor, float]:
+        """The render set's scaled latents and their scaling factor."""
+        self.encode_renders()
+        tensors, meta = load_tensors(self.build / "latents.safetensors")
+        return tensors["latents"], float(meta["scaling_factor"])
+
+    def reconstructions(self) -> torch.Tensor:
+        """VAE reconstructions of the first ``RECONSTRUCTIONS`` renders, in [-1, 1]."""
+        self.encode_renders()
+        return as_unit(np.load(self.build / "recon.npz")["images"])
+
+    def encode_renders(self) -> None:
+        """Encode the render set with the trained VAE (``vae.safetensors``), unless that was
+        done: a build carried with its VAE weights alone encodes them again."""
+        if (self.build / "latents.safetensors").exists() and (self.build / "recon.npz").exists():
+            return
+        vae = build_vae(self.r).to(self.device)
+        vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
+        vae.eval()
+        pixels = as_unit(self.data["images"])
+        latents, recons = [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, len(pixels), 512), desc="encode", leave=False):
+                z = vae.encode(pixels[start : start + 512].to(self.device)).latent_dist.mean
+                latents.append(z.cpu())
+                if start < RECONSTRUCTIONS:
+                    decoded = vae.decode(z).sample.clamp(-1, 1).cpu()
+                    recons.append(((decoded + 1) * 127.5).round().to(torch.uint8))
+        latents_t = torch.cat(latents)
+        scaling = float(1 / latents_t.std())
+        save_tensors(
+            self.build / "latents.safetensors",
+            {"latents": latents_t * scaling},
+            {"scaling_factor": scaling},
+        )
+        recon = torch.cat(recons).permute(0, 2, 3, 1).numpy()
+        save_npz(self.build / "recon.npz", {"images": recon})
 
     def stage_data(self) -> bool:
         d = self.r["data"]
@@ -479,23 +551,9 @@ class Builder:
             return False
         vae.eval()
         save_tensors(self.build / "vae.safetensors", vae.state_dict())
-        latents, recons = [], []
-        with torch.no_grad():
-            for start in tqdm(range(0, len(pixels), 512), desc="encode", leave=False):
-                z = vae.encode(pixels[start : start + 512].to(self.device)).latent_dist.mean
-                latents.append(z.cpu())
-                if start < RECONSTRUCTIONS:
-                    decoded = vae.decode(z).sample.clamp(-1, 1).cpu()
-                    recons.append(((decoded + 1) * 127.5).round().to(torch.uint8))
-        latents_t = torch.cat(latents)
-        scaling = float(1 / latents_t.std())
-        save_tensors(
-            self.build / "latents.safetensors",
-            {"latents": latents_t * scaling},
-            {"scaling_factor": scaling},
-        )
-        recon = torch.cat(recons).permute(0, 2, 3, 1).numpy()
-        save_npz(self.build / "recon.npz", {"images": recon})
+        for derived in ("latents.safetensors", "recon.npz"):  # an earlier VAE's, if any
+            (self.build / derived).unlink(missing_ok=True)
+        self.encode_renders()
         return True
 
     def stage_classifier(self) -> bool:
@@ -503,7 +561,7 @@ class Builder:
         model = MiniClassifier(cfg["width"], self.classes).to(self.device)
         loop = self.loop("classifier", {"classifier": model})
         pixels = as_unit(self.data["images"])
-        recon = as_unit(np.load(self.build / "recon.npz")["images"])
+        recon = self.reconstructions()
         labels = {k: torch.from_numpy(self.data[k]) for k in self.classes}
         boxes = torch.from_numpy(self.data["boxes"])
 
@@ -527,7 +585,7 @@ class Builder:
         tokenizer = open_clip.SimpleTokenizer(context_length=self.r["tokenizer_max_length"])
         loop = self.loop("clip", {"clip": model})
         pixels = as_unit(self.data["images"])
-        recon = as_unit(np.load(self.build / "recon.npz")["images"])
+        recon = self.reconstructions()
         mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
         w = world(self.world)
@@ -587,7 +645,7 @@ class Builder:
         text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
         unet = build_unet(self.r).to(self.device)
         loop = self.loop("generator", {"unet": unet, "text_encoder": text_encoder})
-        latents = load_tensors(self.build / "latents.safetensors")[0]["latents"]
+        latents = self.latents()[0]
         alphas = (
             torch.linspace(SD_SCHEDULER["beta_start"] ** 0.5, SD_SCHEDULER["beta_end"] ** 0.5, 1000)
             ** 2
@@ -638,8 +696,7 @@ class Builder:
         import shutil
 
         tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
-        latents_meta = load_tensors(self.build / "latents.safetensors")[1]
-        vae = build_vae(self.r, scaling_factor=latents_meta["scaling_factor"])
+        vae = build_vae(self.r, scaling_factor=self.latents()[1])
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
         trained = nest(load_tensors(self.build / "generator.safetensors")[0], "final")
         unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
@@ -672,8 +729,7 @@ class Builder:
         """The pipeline as the build stands: the VAE, and the generator's latest checkpoint
         (its EMA weights, as the export would take them), to measure an early generator."""
         tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
-        latents_meta = load_tensors(self.build / "latents.safetensors")[1]
-        vae = build_vae(self.r, scaling_factor=latents_meta["scaling_factor"])
+        vae = build_vae(self.r, scaling_factor=self.latents()[1])
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
         unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
         tensors, meta = load_tensors(self.build / "generator.state.safetensors")
