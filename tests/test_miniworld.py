@@ -16,6 +16,8 @@ from tiny import tiny_engine, toy_recipe
 
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
+from fia_bench.errors import FiaBenchError
+from fia_bench.miniworld import probe
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
 from fia_bench.miniworld.train import (
     TRAINED,
@@ -242,3 +244,36 @@ def test_model_card_percentages_and_points_are_on_their_scale() -> None:
     assert len(scaled) >= 15
     for key, value in scaled.items():
         assert -100 <= value <= 100, key
+
+
+def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
+    toy_world: tuple[Path, Path, Path],
+) -> None:
+    """The generator variants share the base build's renders, VAE and judges (linked, not
+    retrained), each trains its own generator, and each gets the card's sublayer rows."""
+    root, path, _ = toy_world
+    variants = root / "variants.yaml"
+    variants.write_text(
+        yaml.safe_dump({"same": {}, "one_layer": {"unet": {"transformer_layers_per_block": 1}}})
+    )
+    out = root / "probe" / "results"
+    inputs = ["--build", str(root / "build"), "--recipe", str(path), "--variants", str(variants)]
+    places = ["--root", str(root / "probe"), "--out", str(out), "--device", "cpu"]
+    probe.main([*inputs, *places, "--objects", "2"])
+    rows = {row["variant"]: row for row in json.loads((out / "probe.json").read_text())}
+    assert set(rows) == {"same", "one_layer"}
+    for name, row in rows.items():
+        assert row["finished"] and row["step"] == row["steps"] == 3
+        assert row["ablation_images"] == 2 * 4  # two objects, four templates, one image each
+        assert (root / "probe" / name / "vae.safetensors").is_symlink()
+    # the variant that changes nothing trains the base build's generator again, exactly
+    same = load_tensors(root / "probe" / "same" / "generator.safetensors")[0]
+    base = load_tensors(root / "build" / "generator.safetensors")[0]
+    assert all(torch.equal(tensor, same[key]) for key, tensor in base.items())
+    assert rows["one_layer"]["unet_mflops"] < rows["same"]["unet_mflops"]
+    assert (out / "grids.png").is_file() and (out / "probe.md").is_file()
+
+
+def test_probe_refuses_a_variant_that_changes_the_shared_upstream(tmp_path: Path) -> None:
+    with pytest.raises(FiaBenchError, match=r"variant 'big_vae' changes \['vae'\]"):
+        probe.variant_recipes(recipe(), {"big_vae": {"vae": {"steps": 9}}}, tmp_path / "v.yaml")

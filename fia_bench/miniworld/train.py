@@ -459,6 +459,8 @@ class Builder:
     ) -> None:
         self.build = build
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # TF32 matrix products: the tiny models' steps are short
+            torch.backends.cuda.matmul.allow_tf32 = True
         self.out = out or weights_dir()
         self.r = recipe(recipe_path)
         self.world = str(self.r["world"])

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 16 on a lent GPU machine (the workplace's device tool; CI never runs this). From the
+# repository root there, with the wheels the machine lacks carried in .whl (make-wheels below,
+# run here first), it renders the committed build's data again, trains the generator variants
+# of fia_bench/miniworld/variants.yaml side by side for MINUTES each, measures each one's
+# sublayer rows and grid, and leaves under $OUT: probe/probe.json, probe.md, grids.png and the
+# best variant's generator weights.
+#
+#   here:  bash .device/mini_world_probe.sh make-wheels
+#   there: bash .device/mini_world_probe.sh [MINUTES]   (device run, carry [".whl"])
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = make-wheels ]; then
+    # the versions constraints.txt pins; the machine has torch, transformers and the rest
+    mkdir -p .whl
+    for wheel in diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 open_clip_torch==3.3.0 \
+        ftfy==6.3.1 wcwidth==0.9.4 importlib_metadata; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux_2_28_x86_64 \
+            --platform manylinux2014_x86_64 --platform any -d .whl "$wheel"
+    done
+    python3 -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl  # an sdist only
+    exit 0
+fi
+minutes=${1:-5.5}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+status=0
+python3 -m fia_bench.miniworld.probe --build .mini_world_build --minutes "$minutes" \
+    --root /tmp/probe --out "$OUT/probe" --device cuda || status=$?
+# the variants' training logs end with their step rate; tqdm's carriage returns become lines
+for log in /tmp/probe/*.log; do
+    echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -3
+done
+exit "$status"
