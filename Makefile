@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 RUN_ARGS := method=uce seeds=3
 comma := ,
 
-.PHONY: install run test wheel-smoke bench lint clean mini-world mini-world-card results-mini \
+.PHONY: install run test wheel-smoke bench lint clean mini-world mini-world-card mini-world-probe results-mini \
 	results-mini-explicit comparisons-mini
 
 install: $(STAMP)
@@ -41,6 +41,12 @@ mini-world: $(STAMP)
 
 mini-world-card: $(STAMP)
 	$(PY) -m fia_bench.miniworld evaluate $(ARGS)
+
+# The generator variants of fia_bench/miniworld/variants.yaml, trained side by side on the build's
+# renders, VAE and judges and measured (sublayer rows, cost, grids): how the recipe's UNet is
+# chosen. Meant for a GPU: ARGS="--minutes 6" bounds each variant.
+mini-world-probe: $(STAMP)
+	$(PY) -m fia_bench.miniworld.probe --build .mini_world_build $(ARGS)
 
 # Every method plugin on the mini world (docs/results_mini.md), merged into one report. Runs are
 # cached, so it can be built a few methods at a time: make results-mini METHODS=fia,uce

@@ -3,8 +3,8 @@
 # repository root there, with the wheels the machine lacks carried in .whl (make-wheels below,
 # run here first), it renders the committed build's data again, trains the generator variants
 # of fia_bench/miniworld/variants.yaml side by side for MINUTES each, measures each one's
-# sublayer rows and grid, and leaves under $OUT: probe/probe.json, probe.md, grids.png and the
-# best variant's generator weights.
+# sublayer rows and grid, and leaves under $OUT: probe.json, probe.md, grids.png and the best
+# variant's generator weights (generator_<variant>.safetensors).
 #
 #   here:  bash .device/mini_world_probe.sh make-wheels
 #   there: bash .device/mini_world_probe.sh [MINUTES]   (device run, carry [".whl"])
@@ -22,15 +22,18 @@ if [ "${1:-}" = make-wheels ]; then
     python3 -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl  # an sdist only
     exit 0
 fi
-minutes=${1:-5.5}
+minutes=${1:-5}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+probe=(python3 -m fia_bench.miniworld.probe --root /tmp/probe --out /tmp/probe/out)
 status=0
-python3 -m fia_bench.miniworld.probe --build .mini_world_build --minutes "$minutes" \
-    --root /tmp/probe --out "$OUT/probe" --device cuda || status=$?
-# the variants' training logs end with their step rate; tqdm's carriage returns become lines
+# a device command may run 10 minutes: stop in time to gather what was measured
+timeout 540 "${probe[@]}" --build .mini_world_build --minutes "$minutes" --device cuda || status=$?
+[ -f /tmp/probe/out/probe.json ] || "${probe[@]}" --collect || true
+cp /tmp/probe/out/* "$OUT/" 2>/dev/null || true
+# each variant's log ends with its step rate (tqdm's carriage returns made lines)
 for log in /tmp/probe/*.log; do
     echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -3
 done

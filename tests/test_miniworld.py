@@ -272,6 +272,8 @@ def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
     assert all(torch.equal(tensor, same[key]) for key, tensor in base.items())
     assert rows["one_layer"]["unet_mflops"] < rows["same"]["unet_mflops"]
     assert (out / "grids.png").is_file() and (out / "probe.md").is_file()
+    best = max(rows.values(), key=lambda row: (row["meets_targets"], row["ablation_base"]))
+    assert list(out.glob("generator_*")) == [out / f"generator_{best['variant']}.safetensors"]
 
 
 def test_probe_refuses_a_variant_that_changes_the_shared_upstream(tmp_path: Path) -> None:

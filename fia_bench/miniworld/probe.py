@@ -130,6 +130,7 @@ def measure(
         "steps": sum(cycles_of(recipe(recipe_path)["generator"]["steps"])),
         "finished": "generator" in json.loads((build / "done.json").read_text("utf-8")),
         "train_seconds": round(times.get("generator", 0.0), 1),
+        "devices": json.loads((build / "devices.json").read_text("utf-8")).get("generator"),
         "unet_mflops": round(unet_mflops(Builder(build, recipe_path=recipe_path)), 1),
     }
     row |= sublayers(build, images_per_prompt, objects, recipe_path, device)
@@ -160,16 +161,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(commands: dict[str, list[str]], logs: Path, threads: int) -> None:
-    """One process per variant, all at once; a failure names its log."""
+def run_all(commands: dict[str, list[str]], logs: Path, threads: int) -> list[str]:
+    """One process per variant, all at once; the names of those that failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     running = []
     for name, command in commands.items():
         log = (logs / f"{name}.log").open("a")
         running.append((name, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
-    failed = [name for name, process in running if process.wait() != 0]
-    if failed:
-        raise FiaBenchError(f"variants {failed} failed: see {logs}/<variant>.log")
+    return [name for name, process in running if process.wait() != 0]
 
 
 def meets_targets(row: dict[str, Any]) -> bool:
@@ -179,19 +178,42 @@ def meets_targets(row: dict[str, Any]) -> bool:
     return zeroed and row["ablation_ff.net.2_random5_cost_points"] <= RANDOM_COST_TARGET
 
 
-def stacked_grids(rows: list[dict[str, Any]], out: Path) -> None:
+def stacked_grids(rows: list[dict[str, Any]], grids: Path, out: Path) -> None:
     """Every variant's grid in one picture, a caption above each."""
     from PIL import Image, ImageDraw
 
-    grids = [Image.open(out / f"grid_{row['variant']}.png") for row in rows]
-    width, caption = max(g.width for g in grids), 14
-    sheet = Image.new("RGB", (width, sum(g.height + caption for g in grids)), "white")
+    images = [Image.open(grids / f"grid_{row['variant']}.png") for row in rows]
+    width, caption = max(g.width for g in images), 14
+    sheet = Image.new("RGB", (width, sum(g.height + caption for g in images)), "white")
     draw, y = ImageDraw.Draw(sheet), 0
-    for row, image in zip(rows, grids, strict=True):
+    for row, image in zip(rows, images, strict=True):
         draw.text((2, y + 1), f"{row['variant']} (step {row['step']})", fill="black")
         sheet.paste(image, (0, y + caption))
         y += image.height + caption
     sheet.save(out / "grids.png")
+
+
+def collect(root: Path, out: Path) -> list[dict[str, Any]]:
+    """The measured variants' rows in one table (probe.json, probe.md), their grids in one
+    picture, and the best one's generator (EMA weights, ready to export): the variants that
+    meet the card's targets first, then base accuracy. A few files, whatever was measured: a
+    run stopped during the measurements still leaves the ones that finished."""
+    rows = [json.loads(path.read_text("utf-8")) for path in sorted((root / "rows").glob("*.json"))]
+    if not rows:
+        raise FiaBenchError(f"{root}/rows: no variant has been measured yet")
+    for row in rows:
+        row["meets_targets"] = meets_targets(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
+    (out / "probe.md").write_text(table(rows), "utf-8")
+    stacked_grids(rows, root / "rows", out)
+    best = max(rows, key=lambda row: (row["meets_targets"], row["ablation_base"]))
+    final = root / best["variant"] / "generator.safetensors"
+    if final.exists():
+        shutil.copy(final, out / f"generator_{best['variant']}.safetensors")
+    print(table(rows))
+    print(f"[probe] best: {best['variant']}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,13 +224,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", default=None, help="these variants alone")
     parser.add_argument("--root", type=Path, default=Path(".mini_world_probe"))
     parser.add_argument("--out", type=Path, default=Path(".mini_world_probe/results"))
+    # per variant: <root>/<variant>/ (its build), <variant>.yaml, <variant>.log, rows/<variant>.*
     parser.add_argument("--minutes", type=float, default=float("inf"), help="per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--objects", type=int, default=None, help="measure the first N objects")
+    parser.add_argument("--collect", action="store_true", help="only gather the measured rows")
     parser.add_argument("--measure-variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    rows_dir = args.root / "rows"
     if args.measure_variant:  # one of the parallel measurements main starts
         name = args.measure_variant
         row = measure(
@@ -218,9 +243,12 @@ def main(argv: list[str] | None = None) -> None:
             args.images_per_prompt,
             args.objects,
             args.device,
-            args.out,
+            rows_dir,
         )
-        (args.out / f"{name}.json").write_text(json.dumps(row, indent=1) + "\n", "utf-8")
+        (rows_dir / f"{name}.json").write_text(json.dumps(row, indent=1) + "\n", "utf-8")
+        return
+    if args.collect:
+        collect(args.root, args.out)
         return
 
     variants = yaml.safe_load(args.variants.read_text("utf-8")) or {}
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         raise FiaBenchError(f"{args.build}: the upstream stages {list(UPSTREAM)} did not finish")
     base.encode_renders()
     print(f"[probe] upstream ready after {time.monotonic() - started:.0f} s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    rows_dir.mkdir(parents=True, exist_ok=True)
     prepared = {name: prepare(args.build, args.root, name, r) for name, r in recipes.items()}
     limits = ["--stages", "generator", "--device", args.device, "--max-minutes", str(args.minutes)]
     trainer = [sys.executable, "-m", "fia_bench.miniworld", "train"]
@@ -244,31 +272,22 @@ def main(argv: list[str] | None = None) -> None:
         name: [*trainer, "--build", str(build), "--recipe", str(path), *limits]
         for name, (build, path) in prepared.items()
     }
-    run_all(train, args.root, args.threads)
+    failed = run_all(train, args.root, args.threads)
     print(f"[probe] trained after {time.monotonic() - started:.0f} s", flush=True)
-    common = ["--root", str(args.root), "--out", str(args.out), "--device", args.device]
+    common = ["--root", str(args.root), "--device", args.device]
     common += ["--images-per-prompt", str(args.images_per_prompt)]
     common += ["--objects", str(args.objects)] if args.objects else []
     module = [sys.executable, "-m", "fia_bench.miniworld.probe"]
-    run_all(
-        {name: [*module, *common, "--measure-variant", name] for name in prepared},
-        args.root,
-        args.threads,
-    )
-    rows = [json.loads((args.out / f"{name}.json").read_text("utf-8")) for name in prepared]
-    for row in rows:
-        row["meets_targets"] = meets_targets(row)
-    (args.out / "probe.json").write_text(json.dumps(rows, indent=1) + "\n", "utf-8")
-    (args.out / "probe.md").write_text(table(rows), "utf-8")
-    stacked_grids(rows, args.out)
-    # the best variant's generator (EMA weights), ready to export: meeting the targets first,
-    # then base accuracy
-    best = max(rows, key=lambda row: (row["meets_targets"], row["ablation_base"]))
-    final = args.root / best["variant"] / "generator.safetensors"
-    if final.exists():
-        shutil.copy(final, args.out / f"generator_{best['variant']}.safetensors")
-    print(table(rows))
-    print(f"[probe] done after {time.monotonic() - started:.0f} s; best: {best['variant']}")
+    measure_all = {
+        name: [*module, *common, "--measure-variant", name]
+        for name in prepared
+        if name not in failed
+    }
+    failed += run_all(measure_all, args.root, args.threads)
+    print(f"[probe] measured after {time.monotonic() - started:.0f} s", flush=True)
+    collect(args.root, args.out)
+    if failed:
+        raise FiaBenchError(f"variants {failed} failed: see {args.root}/<variant>.log")
 
 
 if __name__ == "__main__":
