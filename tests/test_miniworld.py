@@ -279,3 +279,21 @@ def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
 def test_probe_refuses_a_variant_that_changes_the_shared_upstream(tmp_path: Path) -> None:
     with pytest.raises(FiaBenchError, match=r"variant 'big_vae' changes \['vae'\]"):
         probe.variant_recipes(recipe(), {"big_vae": {"vae": {"steps": 9}}}, tmp_path / "v.yaml")
+
+
+def test_a_build_in_progress_is_measured_by_what_it_has(toy_world: tuple[Path, Path, Path]) -> None:
+    """`python -m fia_bench.miniworld judges`: the VAE's PSNR once it exists, the judges' accuracy
+    on held-out renders of the build's world once they exist."""
+    from fia_bench.miniworld.card import build_upstream
+
+    root, path, _ = toy_world
+    partial = root / "vae_only"
+    partial.mkdir()
+    (partial / "vae.safetensors").write_bytes((root / "build" / "vae.safetensors").read_bytes())
+    assert set(build_upstream(partial, path)) == {"vae_psnr_db"}
+    whole = build_upstream(root / "build", path)
+    assert whole["vae_psnr_db"] == build_upstream(partial, path)["vae_psnr_db"]
+    judged = {"clip_renders_objects", "clip_renders_styles"}
+    judged |= {"classifier_renders_objects", "classifier_renders_styles"}
+    assert set(whole) == {"vae_psnr_db", *judged}
+    assert all(0 <= whole[k] <= 100 for k in judged)

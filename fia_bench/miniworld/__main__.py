@@ -1,4 +1,5 @@
-"""``python -m fia_bench.miniworld train|evaluate``: build the mini world, measure its card."""
+"""``python -m fia_bench.miniworld train|evaluate|sublayers|judges``: build the mini world,
+measure its card, or measure a build in progress."""
 
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     layers.add_argument("--objects", type=int, default=None, help="only the first N objects")
     layers.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
     layers.add_argument("--out", type=Path, default=None, help="also write the figures here")
+    upstream = sub.add_parser(
+        "judges",
+        help="a build's VAE (PSNR) and judges (accuracy on held-out renders of its world) as "
+        "they stand",
+    )
+    upstream.add_argument("--build", type=Path, default=Path(".mini_world_build"))
+    upstream.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
     args = parser.parse_args(argv)
     if args.command == "train":
         finished = Builder(
@@ -69,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
             device=args.device,
         ).run(args.stages)
         print("[mini-world] done" if finished else "[mini-world] paused")
+    elif args.command == "judges":
+        from fia_bench.miniworld.card import build_upstream
+
+        print(json.dumps(build_upstream(args.build, args.recipe), indent=1))
     elif args.command == "sublayers":
         from fia_bench.miniworld.card import sublayers
 

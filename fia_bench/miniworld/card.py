@@ -14,8 +14,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from fia_bench.api import Task
 from fia_bench.backbones import load_clip
-from fia_bench.datasets.procedural import Scene, render, sample_scenes, world
+from fia_bench.datasets.procedural import (
+    SHIPPED_WORLD,
+    Scene,
+    render,
+    sample_scenes,
+    world,
+    world_file,
+)
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError
 from fia_bench.miniworld.judges import load_classifier, to_pixels
@@ -75,11 +83,11 @@ def judges(judge_specs: Any) -> tuple[Any, Any, int]:
 
 
 @torch.no_grad()
-def vae_psnr(vae: Any, size: int, count: int = 512) -> float:
+def vae_psnr(vae: Any, size: int, count: int = 512, world_name: str = SHIPPED_WORLD) -> float:
     """PSNR (dB) of held-out renders through the VAE (posterior mean): what the generator can
     draw at best. Stripes and dots are a few pixels wide, so this bounds the styles task."""
-    scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, hazard_rate=0.1)
-    pixels = to_pixels([render(s, seed, size) for s, seed in scenes], size)
+    scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, 0.1, world_name)
+    pixels = to_pixels([render(s, seed, size, world_name) for s, seed in scenes], size)
     decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
     as_bytes = [((x + 1) * 127.5).round() for x in (pixels, decoded)]
     mse = float((as_bytes[0] - as_bytes[1]).pow(2).mean())
@@ -87,28 +95,67 @@ def vae_psnr(vae: Any, size: int, count: int = 512) -> float:
 
 
 def judges_on_renders(
-    clip: Any, classifier: Any, resolution: int, size: int, count: int = 1000
+    clip: Any,
+    classifier: Any,
+    resolution: int,
+    size: int,
+    count: int = 1000,
+    world_name: str = SHIPPED_WORLD,
+    tasks: tuple[Task, Task] | None = None,
 ) -> dict[str, float]:
-    """Zero-shot CLIP and classifier accuracy (%) on held-out renders, objects and styles."""
-    scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, hazard_rate=0.0)
-    renders = [render(s, seed, size) for s, seed in scenes]
-    objects, styles = load_task("objects", "mini"), load_task("styles", "mini")
+    """Zero-shot CLIP and classifier accuracy (%) on held-out renders, objects and styles
+    (``tasks``: the objects and styles tasks, by default the shipped world's)."""
+    scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, 0.0, world_name)
+    renders = [render(s, seed, size, world_name) for s, seed in scenes]
+    objects, styles = tasks or (load_task("objects", "mini"), load_task("styles", "mini"))
     keep = [i for i, (s, _) in enumerate(scenes) if s.shape in objects.concepts]
     card: dict[str, float] = {}
     card["clip_renders_objects"] = clip_zero_shot(
         clip, [renders[i] for i in keep], [scenes[i][0].shape for i in keep], list(objects.concepts)
     )
+    keep_styles = [i for i, (s, _) in enumerate(scenes) if s.style in styles.concepts]
     card["clip_renders_styles"] = clip_zero_shot(
-        clip, renders, [s.style for s, _ in scenes], list(styles.concepts)
+        clip,
+        [renders[i] for i in keep_styles],
+        [scenes[i][0].style for i in keep_styles],
+        list(styles.concepts),
     )
-    for head, task in (("subject", objects), ("style", styles)):
-        picked = keep if head == "subject" else list(range(len(scenes)))
+    for head, task, picked in (("subject", objects, keep), ("style", styles, keep_styles)):
         truth = [getattr(scenes[i][0], "shape" if head == "subject" else "style") for i in picked]
         predicted = classifier_predict(
             classifier, resolution, [renders[i] for i in picked], head, list(task.concepts)
         )
         card[f"classifier_renders_{task.name}"] = 100.0 * float(
             np.mean([p == t for p, t in zip(predicted, truth, strict=True)])
+        )
+    return card
+
+
+def build_upstream(build: Path, recipe_path: Path | None = None) -> dict[str, float]:
+    """A build's VAE and judges as they stand, measured as the card measures the shipped ones
+    but on held-out renders of the build's own world (its first 50 shapes, all its styles):
+    what is known of a build before its generator is paid for."""
+    from fia_bench.miniworld.train import Builder, build_vae, load_tensors
+
+    builder = Builder(build, recipe_path=recipe_path)
+    size = int(builder.r["resolution"])
+    w = world(builder.world)
+    card: dict[str, float] = {}
+    if (build / "vae.safetensors").exists():
+        vae = build_vae(builder.r)
+        vae.load_state_dict(load_tensors(build / "vae.safetensors")[0])
+        with torch.no_grad():
+            card["vae_psnr_db"] = vae_psnr(vae.eval(), size, world_name=builder.world)
+    judges_dir = build / "export"
+    if (judges_dir / "clip").is_dir() and (judges_dir / "judges").is_dir():
+        clip = load_clip({"arch": f"local-dir:{judges_dir / 'clip'}"}, "cpu")
+        classifier, resolution, _ = load_classifier(str(judges_dir / "judges"))
+        where = str(world_file(builder.world))
+        bare = ("{concept}",)
+        objects = Task("objects", builder.world, tuple(w["shapes"][:TASK_OBJECTS]), bare, where)
+        styles = Task("styles", builder.world, tuple(w["styles"]), bare, where)
+        card |= judges_on_renders(
+            clip, classifier, resolution, size, world_name=builder.world, tasks=(objects, styles)
         )
     return card
 
