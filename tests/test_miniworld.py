@@ -247,33 +247,43 @@ def test_model_card_percentages_and_points_are_on_their_scale() -> None:
 
 
 def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
-    toy_world: tuple[Path, Path, Path],
+    toy_world: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The generator variants share the base build's renders, VAE and judges (linked, not
-    retrained), each trains its own generator, and each gets the card's sublayer rows."""
+    retrained), each trains its own generator, and each gets the card's sublayer rows; a
+    variant with `steps: fit` is timed first and trains the steps its pace allows."""
     root, path, _ = toy_world
     variants = root / "variants.yaml"
-    variants.write_text(
-        yaml.safe_dump({"same": {}, "one_layer": {"unet": {"transformer_layers_per_block": 1}}})
-    )
+    fitted = {"unet": {"transformer_layers_per_block": 1}, "generator": {"steps": "fit"}}
+    variants.write_text(yaml.safe_dump({"same": {}, "fitted": fitted}))
+    paces: list[float] = []
+    monkeypatch.setattr(probe, "fitted_steps", lambda pace, minutes: paces.append(pace) or 2)
     out = root / "probe" / "results"
     inputs = ["--build", str(root / "build"), "--recipe", str(path), "--variants", str(variants)]
     places = ["--root", str(root / "probe"), "--out", str(out), "--device", "cpu"]
-    probe.main([*inputs, *places, "--objects", "2"])
+    probe.main([*inputs, *places, "--objects", "2", "--minutes", "5"])
     rows = {row["variant"]: row for row in json.loads((out / "probe.json").read_text())}
-    assert set(rows) == {"same", "one_layer"}
+    assert set(rows) == {"same", "fitted"}
+    assert len(paces) == 1 and paces[0] > 0 and not (root / "probe" / "timing").exists()
+    assert recipe(root / "probe" / "fitted.yaml")["generator"]["steps"] == [2]
     for name, row in rows.items():
-        assert row["finished"] and row["step"] == row["steps"] == 3
+        assert row["finished"] and row["step"] == row["steps"] == (2 if name == "fitted" else 3)
         assert row["ablation_images"] == 2 * 4  # two objects, four templates, one image each
         assert (root / "probe" / name / "vae.safetensors").is_symlink()
     # the variant that changes nothing trains the base build's generator again, exactly
     same = load_tensors(root / "probe" / "same" / "generator.safetensors")[0]
     base = load_tensors(root / "build" / "generator.safetensors")[0]
     assert all(torch.equal(tensor, same[key]) for key, tensor in base.items())
-    assert rows["one_layer"]["unet_mflops"] < rows["same"]["unet_mflops"]
+    assert rows["fitted"]["unet_mflops"] < rows["same"]["unet_mflops"]  # one layer, not two
     assert (out / "grids.png").is_file() and (out / "probe.md").is_file()
     best = max(rows.values(), key=lambda row: (row["meets_targets"], row["ablation_base"]))
     assert list(out.glob("generator_*")) == [out / f"generator_{best['variant']}.safetensors"]
+
+
+def test_fitted_steps_end_within_the_budget() -> None:
+    assert probe.fitted_steps(0.05, 5) == 5400  # 90% of 300 s at 0.05 s per step
+    assert probe.fitted_steps(0.05, 5) * 0.05 <= 5 * 60
+    assert probe.fitted_steps(1.0, 1) == 54 and probe.fitted_steps(100.0, 1) == 1
 
 
 def test_probe_refuses_a_variant_that_changes_the_shared_upstream(tmp_path: Path) -> None:

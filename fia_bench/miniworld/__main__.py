@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> None:
         default=float("inf"),
         help="stop after this long and resume on the next call",
     )
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        default=2**62,
+        help="stop each stage after this many steps in this call (a timing burst)",
+    )
     train.add_argument("--recipe", type=Path, default=None, help="another recipe.yaml")
     train.add_argument(
         "--device",
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             out=args.out,
             recipe_path=args.recipe,
             max_minutes=args.max_minutes,
+            max_steps=args.max_steps,
             device=args.device,
         ).run(args.stages)
         print("[mini-world] done" if finished else "[mini-world] paused")

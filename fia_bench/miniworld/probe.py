@@ -5,8 +5,11 @@ How the recipe's UNet is chosen (issue 16): a variant changes only the generator
 ``text_encoder``, ``generator`` keys), so every variant learns from the same latents and is read
 by the same judges, and the one that meets the card's targets at the lowest cost can be exported
 as it is. On a GPU the variants run as parallel processes (a small UNet leaves the device idle
-between kernel launches); ``--minutes`` bounds each one, and a variant that did not finish its
-steps is measured as it stands (its EMA weights) and marked so."""
+between kernel launches). ``--minutes`` is the time they share: a variant whose ``steps`` is
+``fit`` first times a burst of steps beside the others and then gets one cosine cycle of as
+many steps as its pace allows, so every variant is compared at the same cost in time and ends
+its schedule; a variant with fixed steps that does not finish is measured as it stands (its EMA
+weights) and marked so."""
 
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ from fia_bench.miniworld.train import Builder, cycles_of, load_tensors, recipe
 GENERATOR_KEYS = ("unet", "text_encoder", "generator")
 UPSTREAM = ("data", "vae", "classifier", "clip")
 SHARED = ("data.npz", "latents.safetensors", "recon.npz", "vae.safetensors", "export")
+TRAIN = [sys.executable, "-m", "fia_bench.miniworld", "train"]
+TIMING_STEPS = 40
+FIT_SHARE = 0.9
 
 
 def variants_file() -> Path:
@@ -61,6 +67,48 @@ def variant_recipes(
             )
         out[name] = merged(base, overrides or {})
     return out
+
+
+def fits(r: dict[str, Any]) -> bool:
+    """A variant whose generator ``steps`` is ``fit`` gets as many steps (one cosine cycle) as
+    its measured pace allows in the probe's time budget."""
+    return r["generator"]["steps"] == "fit"
+
+
+def fitted_steps(pace: float, minutes: float) -> int:
+    """Steps that end within ``minutes`` at ``pace`` seconds per step, with a margin for the
+    saves (in hundreds, when there are that many)."""
+    steps = int(FIT_SHARE * 60 * minutes / pace)
+    return max(1, steps // 100 * 100 if steps >= 100 else steps)
+
+
+def timed(
+    base_build: Path, root: Path, recipes: dict[str, dict[str, Any]], device: str, threads: int
+) -> dict[str, float]:
+    """Seconds per generator step of the variants that fit their steps, measured in a burst of
+    ``TIMING_STEPS`` with every variant running at once, as they will train (they share the
+    device)."""
+    trial = {}
+    for name, r in recipes.items():
+        r = copy.deepcopy(r)
+        if fits(r):
+            r["generator"]["steps"] = [10 * TIMING_STEPS]
+        trial[name] = prepare(base_build, root / "timing", name, r)
+    limits = ["--stages", "generator", "--device", device, "--max-steps", str(TIMING_STEPS)]
+    commands = {
+        name: [*TRAIN, "--build", str(build), "--recipe", str(path), *limits]
+        for name, (build, path) in trial.items()
+    }
+    failed = run_all(commands, root / "timing", threads)
+    if failed:
+        raise FiaBenchError(f"timing failed for {failed}: see {root}/timing/<variant>.log")
+    paces = {
+        name: json.loads((build / "pace.json").read_text("utf-8"))["generator"]
+        for name, (build, _) in trial.items()
+        if fits(recipes[name])
+    }
+    shutil.rmtree(root / "timing")
+    return paces
 
 
 def prepare(base_build: Path, root: Path, name: str, r: dict[str, Any]) -> tuple[Path, Path]:
@@ -265,11 +313,17 @@ def main(argv: list[str] | None = None) -> None:
     base.encode_renders()
     print(f"[probe] upstream ready after {time.monotonic() - started:.0f} s", flush=True)
     rows_dir.mkdir(parents=True, exist_ok=True)
+    if any(fits(r) for r in recipes.values()):
+        if args.minutes == float("inf"):
+            raise FiaBenchError("variants with steps: fit need --minutes, the time they share")
+        paces = timed(args.build, args.root, recipes, args.device, args.threads)
+        for name, pace in paces.items():
+            recipes[name]["generator"]["steps"] = [fitted_steps(pace, args.minutes)]
+            print(f"[probe] {name}: {pace:.3f} s/step, {recipes[name]['generator']['steps']}")
     prepared = {name: prepare(args.build, args.root, name, r) for name, r in recipes.items()}
     limits = ["--stages", "generator", "--device", args.device, "--max-minutes", str(args.minutes)]
-    trainer = [sys.executable, "-m", "fia_bench.miniworld", "train"]
     train = {
-        name: [*trainer, "--build", str(build), "--recipe", str(path), *limits]
+        name: [*TRAIN, "--build", str(build), "--recipe", str(path), *limits]
         for name, (build, path) in prepared.items()
     }
     failed = run_all(train, args.root, args.threads)

@@ -753,6 +753,7 @@ class Builder:
                 torch.manual_seed(self.seed * 1000 + TRAINED.index(stage))
             finished = getattr(self, f"stage_{stage}")()
             self.clock()
+            self.note_pace(stage)
             devices = self._read("devices.json", {})
             devices[stage] = sorted({*devices.get(stage, []), self.device.type})
             self._write("devices.json", devices)
@@ -767,6 +768,16 @@ class Builder:
     def loop(self, stage: str, modules: dict[str, nn.Module]) -> Loop:
         cfg = self.r[stage]
         return Loop(self.build, stage, modules, cfg["lr"], cfg["steps"], self.clock, self.note_step)
+
+    def note_pace(self, stage: str) -> None:
+        """Seconds per step over the second half of this call's steps (past the warm-up of
+        kernels and caches), in ``pace.json``: what a time budget buys on this machine."""
+        clock = self.step_clock[stage]
+        if len(clock) >= 4:
+            half = len(clock) // 2
+            pace = self._read("pace.json", {})
+            pace[stage] = (clock[-1] - clock[half - 1]) / (len(clock) - half)
+            self._write("pace.json", pace)
 
     def note_step(self) -> None:
         self.step_clock[self._stage].append(time.monotonic() - self._stage_start)
