@@ -164,7 +164,8 @@ USER_GROUPS = {
     "attack": "red-team attacks on the erased model: attack=[prompt_replay]",
     "sampler": "scheduler, steps and guidance of generation",
     "logger": "where results go besides the run directory's files",
-    "preset": "preset=smoke: the smallest meaningful run of any method",
+    "preset": "preset=smoke: the smallest meaningful run; preset=mini: settings tuned on held-out "
+    "classes",
     "experiment": "paper-table recipes (their plan: -m experiment=<recipe> --dry-run)",
 }
 INTERNAL_GROUPS = ("experiment/arm", "experiment/parts")
