@@ -7,7 +7,10 @@
 # variant's generator weights (generator_<variant>.safetensors).
 #
 #   here:  bash .device/mini_world_probe.sh make-wheels
-#   there: bash .device/mini_world_probe.sh [MINUTES]   (device run, carry [".whl"])
+#   there: bash .device/mini_world_probe.sh [MINUTES [probe options]]   (device run, carry .whl)
+#          e.g. bash .device/mini_world_probe.sh 4.5 --only b256 b1024
+# MINUTES (default 4.5) is the training time the variants share; rendering, timing and
+# measuring take about 4 more, inside the device tool's 10-minute command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = make-wheels ]; then
@@ -22,7 +25,8 @@ if [ "${1:-}" = make-wheels ]; then
     python3 -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl  # an sdist only
     exit 0
 fi
-minutes=${1:-5}
+minutes=${1:-4.5}
+shift || true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -30,7 +34,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 probe=(python3 -m fia_bench.miniworld.probe --root /tmp/probe --out /tmp/probe/out)
 status=0
 # a device command may run 10 minutes: stop in time to gather what was measured
-timeout 540 "${probe[@]}" --build .mini_world_build --minutes "$minutes" --device cuda || status=$?
+timeout 540 "${probe[@]}" --build .mini_world_build --minutes "$minutes" --device cuda "$@" ||
+    status=$?
 [ -f /tmp/probe/out/probe.json ] || "${probe[@]}" --collect || true
 cp /tmp/probe/out/* "$OUT/" 2>/dev/null || true
 # each variant's log ends with its step rate (tqdm's carriage returns made lines)

@@ -129,7 +129,8 @@ def load_grid(path: Path) -> dict[str, dict[str, list[Any]]]:
 
 
 def check_heldout(task_name: str, world: str) -> Task:
-    """The sweep's task, refused when it shares a class with any other task file of its world:
+    """The sweep's task, refused when it is not a held-out task file (one that declares the
+    family it stands in for, ``kind:``) or shares a class with any other task file of its world:
     those are the tasks whose tables are reported, and a preset chosen on their classes would be
     tuned on what it is then measured on."""
     folder = tasks.data_root() / world
@@ -141,6 +142,12 @@ def check_heldout(task_name: str, world: str) -> Task:
             "mini world's comes with its second build, docs/mini_world.md)"
         )
     task = tasks.load_task(task_name, world)
+    if task.kind == task.name:
+        raise FiaBenchError(
+            f"task={task_name} of world '{world}' is a reported task, not a held-out one: a "
+            "held-out task file names the task family its classes stand in for (kind: objects) "
+            f"and shares no class with the others; e.g. task=objects_heldout"
+        )
     clashes = []
     for path in sorted(folder.glob("*.yaml")):
         if path.stem == task.name:

@@ -228,6 +228,13 @@ ONE = {"uce": {"lamb": [0.1]}}
         pytest.param(
             ONE, [], None, r"world 'tiny' has no such task \(its tasks: ", id="no-heldout-task"
         ),
+        pytest.param(
+            ONE,
+            ["--task", "objects"],
+            ...,
+            r"task=objects of world 'tiny' is a reported task, not a held-out one",
+            id="reported-task",
+        ),
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_anything_runs(
