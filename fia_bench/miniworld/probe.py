@@ -4,12 +4,12 @@ then measure each: object accuracy, the card's sublayer rows, inference cost, a 
 How the recipe's UNet is chosen (issue 16): a variant changes only the generator (``unet``,
 ``text_encoder``, ``generator`` keys), so every variant learns from the same latents and is read
 by the same judges, and the best one (meeting the card's targets first, then by base accuracy)
-can be exported as it is. On a GPU the variants run as parallel processes (a small UNet leaves the device idle
-between kernel launches). ``--minutes`` is the time they share: a variant whose ``steps`` is
-``fit`` first times a burst of steps beside the others and then gets one cosine cycle of as
-many steps as its pace allows, so every variant is compared at the same cost in time and ends
-its schedule; a variant with fixed steps that does not finish is measured as it stands (its EMA
-weights) and marked so."""
+can be exported as it is. On a GPU the variants run as parallel processes (a small UNet leaves
+the device idle between kernel launches). ``--minutes`` is the time they share: a variant whose
+``steps`` is ``fit`` first times a burst of steps beside the others and then gets one cosine
+cycle of as many steps as its pace allows, so every variant is compared at the same cost in
+time and ends its schedule; a variant with fixed steps that does not finish is measured as it
+stands (its EMA weights) and marked so."""
 
 from __future__ import annotations
 

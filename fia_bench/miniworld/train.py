@@ -484,11 +484,18 @@ class Builder:
             self._data = dict(np.load(self.build / "data.npz"))
         return self._data
 
-    def latents(self) -> tuple[torch.Tensor, float]:
-        """The render set's scaled latents and their scaling factor."""
+    def latents(self) -> torch.Tensor:
+        """The render set's latents, scaled to unit variance."""
         self.encode_renders()
-        tensors, meta = load_tensors(self.build / "latents.safetensors")
-        return tensors["latents"], float(meta["scaling_factor"])
+        return load_tensors(self.build / "latents.safetensors")[0]["latents"]
+
+    def scaling_factor(self) -> float:
+        """The latents' scaling factor, read from their file's header alone."""
+        from safetensors import safe_open
+
+        self.encode_renders()
+        with safe_open(str(self.build / "latents.safetensors"), framework="pt") as handle:
+            return float(json.loads(handle.metadata()["json"])["scaling_factor"])
 
     def reconstructions(self) -> torch.Tensor:
         """VAE reconstructions of the first ``RECONSTRUCTIONS`` renders, in [-1, 1]."""
@@ -647,7 +654,7 @@ class Builder:
         text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
         unet = build_unet(self.r).to(self.device)
         loop = self.loop("generator", {"unet": unet, "text_encoder": text_encoder})
-        latents = self.latents()[0]
+        latents = self.latents()
         alphas = (
             torch.linspace(SD_SCHEDULER["beta_start"] ** 0.5, SD_SCHEDULER["beta_end"] ** 0.5, 1000)
             ** 2
@@ -698,7 +705,7 @@ class Builder:
         import shutil
 
         tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
-        vae = build_vae(self.r, scaling_factor=self.latents()[1])
+        vae = build_vae(self.r, scaling_factor=self.scaling_factor())
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
         trained = nest(load_tensors(self.build / "generator.safetensors")[0], "final")
         unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
@@ -731,7 +738,7 @@ class Builder:
         """The pipeline as the build stands: the VAE, and the generator's latest checkpoint
         (its EMA weights, as the export would take them), to measure an early generator."""
         tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
-        vae = build_vae(self.r, scaling_factor=self.latents()[1])
+        vae = build_vae(self.r, scaling_factor=self.scaling_factor())
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
         unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
         tensors, meta = load_tensors(self.build / "generator.state.safetensors")
