@@ -9,8 +9,8 @@
 #   here:  bash .device/mini_world_probe.sh make-wheels
 #   there: bash .device/mini_world_probe.sh [MINUTES [probe options]]   (device run, carry .whl)
 #          e.g. bash .device/mini_world_probe.sh 4.5 --only b256 b1024
-# MINUTES (default 4.5) is the training time the variants share; rendering, timing and
-# measuring take about 4 more, inside the device tool's 10-minute command.
+# MINUTES (default 4.5) is the training time the variants share, plus up to a minute for their
+# start; rendering, timing and measuring take about 3 more, inside the 10-minute command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = make-wheels ]; then

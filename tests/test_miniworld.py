@@ -261,7 +261,9 @@ def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
     out = root / "probe" / "results"
     inputs = ["--build", str(root / "build"), "--recipe", str(path), "--variants", str(variants)]
     places = ["--root", str(root / "probe"), "--out", str(out), "--device", "cpu"]
-    probe.main([*inputs, *places, "--objects", "2", "--minutes", "5"])
+    # the variants' processes compute with this process's thread count, so their sums match
+    threads = ["--threads", str(torch.get_num_threads())]
+    probe.main([*inputs, *places, *threads, "--objects", "2", "--minutes", "5"])
     rows = {row["variant"]: row for row in json.loads((out / "probe.json").read_text())}
     assert set(rows) == {"same", "fitted"}
     assert len(paces) == 1 and paces[0] > 0 and not (root / "probe" / "timing").exists()

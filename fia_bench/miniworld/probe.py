@@ -36,6 +36,7 @@ SHARED = ("data.npz", "latents.safetensors", "recon.npz", "vae.safetensors", "ex
 TRAIN = [sys.executable, "-m", "fia_bench.miniworld", "train"]
 TIMING_STEPS = 40
 FIT_SHARE = 0.9
+START_MINUTES = 1.0
 
 
 def variants_file() -> Path:
@@ -321,7 +322,10 @@ def main(argv: list[str] | None = None) -> None:
             recipes[name]["generator"]["steps"] = [fitted_steps(pace, args.minutes)]
             print(f"[probe] {name}: {pace:.3f} s/step, {recipes[name]['generator']['steps']}")
     prepared = {name: prepare(args.build, args.root, name, r) for name, r in recipes.items()}
-    limits = ["--stages", "generator", "--device", args.device, "--max-minutes", str(args.minutes)]
+    # the fitted steps end within --minutes; the wall-clock cap adds a minute for each process's
+    # start (imports, loading the latents, the device's warm-up), which the pace does not count
+    cap = args.minutes + START_MINUTES
+    limits = ["--stages", "generator", "--device", args.device, "--max-minutes", str(cap)]
     train = {
         name: [*TRAIN, "--build", str(build), "--recipe", str(path), *limits]
         for name, (build, path) in prepared.items()
