@@ -26,6 +26,7 @@ from fia_bench.miniworld.train import (
     lr_scale,
     recipe,
     render_set,
+    training_pool,
 )
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
@@ -286,6 +287,21 @@ def test_fitted_steps_end_within_the_budget() -> None:
     assert probe.fitted_steps(0.05, 5) == 5400  # 90% of 300 s at 0.05 s per step
     assert probe.fitted_steps(0.05, 5) * 0.05 <= 5 * 60
     assert probe.fitted_steps(1.0, 1) == 54 and probe.fitted_steps(100.0, 1) == 1
+
+
+def test_a_subset_generator_trains_on_its_shapes_alone_and_the_whole_world_samples_as_before() -> (
+    None
+):
+    subject = np.array([0, 5, 61, 2, 10, 9, 60])  # two hazards after 60 shapes
+    assert torch.equal(training_pool(subject, None), torch.arange(len(subject)))
+    assert training_pool(subject, 10).tolist() == [0, 1, 3, 5]
+    shipped = yaml.safe_load(probe.variants_file().read_text("utf-8"))
+    assert (
+        probe.variant_recipes(recipe(), shipped, probe.variants_file())["subset10"]["generator"][
+            "subjects"
+        ]
+        == 10
+    )
 
 
 def test_probe_refuses_a_variant_that_changes_the_shared_upstream(tmp_path: Path) -> None:

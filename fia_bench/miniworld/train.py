@@ -133,6 +133,15 @@ def render_set(
     }
 
 
+def training_pool(subject: np.ndarray, shapes: int | None) -> torch.Tensor:
+    """Indices of the scenes the generator trains on: all of them, or (``generator.subjects``)
+    the scenes of the world's first ``shapes`` shapes alone, so that a probe can learn whether
+    a layout's sublayers carry a few objects before a build pays for all of them."""
+    if shapes is None:
+        return torch.arange(len(subject))
+    return torch.from_numpy(np.flatnonzero(subject < shapes))
+
+
 def captions_for(
     table: dict[str, np.ndarray],
     index: np.ndarray,
@@ -669,8 +678,10 @@ class Builder:
             [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids
 
+        pool = training_pool(self.data["subject"], cfg.get("subjects"))
+
         def loss_fn(g: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(len(latents), (cfg["batch_size"],), generator=g)
+            idx = pool[torch.randint(len(pool), (cfg["batch_size"],), generator=g)]
             captions, _ = captions_for(self.data, idx.numpy(), templates, g, self.classes)
             ids = tokenizer(
                 captions,
