@@ -295,13 +295,20 @@ def test_a_subset_generator_trains_on_its_shapes_alone_and_the_whole_world_sampl
     subject = np.array([0, 5, 61, 2, 10, 9, 60])  # two hazards after 60 shapes
     assert torch.equal(training_pool(subject, None), torch.arange(len(subject)))
     assert training_pool(subject, 10).tolist() == [0, 1, 3, 5]
-    shipped = yaml.safe_load(probe.variants_file().read_text("utf-8"))
-    assert (
-        probe.variant_recipes(recipe(), shipped, probe.variants_file())["subset10"]["generator"][
-            "subjects"
-        ]
-        == 10
-    )
+    path = probe.variants_file().with_name("subset_variants.yaml")
+    subsets = probe.variant_recipes(recipe(), yaml.safe_load(path.read_text("utf-8")), path)
+    assert {r["generator"]["subjects"] for r in subsets.values()} == {10}
+
+
+def test_a_variant_meets_the_sublayer_targets_only_when_it_draws_its_objects() -> None:
+    row = {"ablation_base": 90.0, "ablation_ff.net.2_zeroed": 15.0}
+    row |= {"ablation_attn2.to_v_zeroed": 10.0, "ablation_ff.net.2_random5_cost_points": 2.0}
+    assert probe.meets_targets(row)
+    assert not probe.meets_targets(row | {"ablation_ff.net.2_zeroed": 30.0})
+    assert not probe.meets_targets(row | {"ablation_ff.net.2_random5_cost_points": 6.0})
+    # subset10_narrow16 (docs/mini_world.md): every object at chance once FFN2 is zeroed, but
+    # only 26% drawn before
+    assert not probe.meets_targets(row | {"ablation_base": 25.6, "ablation_ff.net.2_zeroed": 9.4})
 
 
 def test_probe_refuses_a_variant_that_changes_the_shared_upstream(tmp_path: Path) -> None:
