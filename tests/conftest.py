@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,19 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # CPU convolutions round differently with the thread count, so runs whose outputs are compared
 # byte for byte use one thread per process (what torchrun and joblib's workers get by default)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """A module of tiny models computes on one thread: they gain nothing from more, which
+    contend on a busy machine, and a sum split over threads can round differently from one
+    process to another (a serial run once failed a byte-for-byte comparison that way)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def cli(

@@ -33,13 +33,7 @@ from fia_bench.tasks import load_task
 TINY = dict(length=6, population=16, generations=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny encoder is latency-bound: extra threads only contend on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
