@@ -33,15 +33,16 @@ import yaml
 from omegaconf import DictConfig
 
 from fia_bench.api import Task
-from fia_bench.cache import Cache, Damaged, read_json, read_sealed_json, stable_hash
+from fia_bench.cache import Cache, read_json, stable_hash
 from fia_bench.engine import Sampler
+from fia_bench.erasures import erase_key
 from fia_bench.errors import FiaBenchError
 from fia_bench.guidance import ClassifierFree, Guidance
 from fia_bench.plugins import with_searchpath
 from fia_bench.registry import METHODS
 from fia_bench.resources import config_dir, shipped
 from fia_bench.runner import build_dataset, check_prompt_rows, resolve_seeds, resolve_splits
-from fia_bench.stages import SEED_STRIDE, erase_key
+from fia_bench.stages import SEED_STRIDE
 from fia_bench.tasks import load_task, world_vocabulary
 from fia_bench.validate import check_config, plain, selected_evaluators
 
@@ -424,13 +425,9 @@ class Planner:
         key = erase_key(
             fingerprint, job.precision, name, settings, targets, retain, seed, task.name, inputs
         )
-        meta = None
-        if model.known and model.stages.cache.path("erase", key, ".json").exists():
-            with contextlib.suppress(Damaged):  # a damaged entry is recomputed: to do
-                meta = read_sealed_json(model.stages.cache.path("erase", key, ".json"))
-        cached = meta is not None and (
-            meta["status"] != "ok" or model.stages.cache.path("erase", key, ".safetensors").exists()
-        )
+        # a damaged entry is recomputed: to do
+        meta = model.stages.erasures.record(key) if model.known else None
+        cached = meta is not None
         if key in self.erased:
             job.erase_shared += 1
         elif cached:
@@ -439,7 +436,7 @@ class Planner:
             job.erase_todo.append((name, n))
         self.erased.add(key)
         if model.known and name == UNEDITED:
-            return model.stages.base_weights_id, True
+            return model.stages.images.base_weights_id, True
         if cached:
             return (str(meta["weights_id"]), True) if meta["status"] == "ok" else None
         return ("unedited" if name == UNEDITED else f"edit-{key}"), False
@@ -456,13 +453,13 @@ class Planner:
     ) -> list[str]:
         """Count the images of one edit's prompt rows; returns their keys (real or stand-in)."""
         from fia_bench import artifacts
-        from fia_bench.stages import Erased
+        from fia_bench.erasures import Erased
 
         weights_id, known = weights
         prompts = list(rows["prompt"])
         erased = Erased("plan", "ok", "", artifacts.Delta(), {"weights_id": weights_id}, guidance)
         if known:
-            keys = model.stages.image_keys(erased, prompts, seeds)
+            keys = model.stages.images.keys(erased, prompts, seeds)
         else:  # stand-in keys: the same images of the same edit still count once
             keys = [
                 stable_hash({**erased.sampling_identity(), "prompt": p, "seed": s, **identity})
@@ -472,7 +469,7 @@ class Planner:
         for k in keys:
             if k in self.images:
                 job.images_shared += 1
-            elif known and model.stages.image_path(k).exists():
+            elif known and model.stages.images.path(k).exists():
                 job.images_cached += 1
             else:
                 job.images_todo += 1

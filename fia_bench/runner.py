@@ -27,12 +27,13 @@ from fia_bench.api import (
 )
 from fia_bench.cache import Cache, stable_hash
 from fia_bench.engine import Engine, EngineOptions, Sampler
+from fia_bench.erasures import Job
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.models import load_model, prepared_model, torch_dtype
 from fia_bench.progress import progress
 from fia_bench.records import RECORD_COLUMNS, RUN_COLUMNS, declared, method_label
 from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS
-from fia_bench.stages import SEED_STRIDE, Job, Stages, info_json
+from fia_bench.stages import SEED_STRIDE, Stages, info_json
 from fia_bench.tasks import load_task, world_vocabulary
 from fia_bench.validate import check_config, plain, selected_evaluators
 
@@ -204,7 +205,9 @@ def run_job(
     options = EngineOptions.from_config(cfg.engine)
     engine = Engine(model.pipe, sampler, model.resolution, cfg.device, dtype, options)
     stages = Stages(model, engine, cache, task, str(cfg.precision), instances)
-    context = EvalContext(task, model.judges, str(cfg.device), stages.base_images, stages.cache)
+    context = EvalContext(
+        task, model.judges, str(cfg.device), stages.images.base_images, stages.cache
+    )
     evaluators = build_evaluators(cfg, context)
     attacks = build_attacks(cfg, evaluators)
     provenance = {"model": model.name, "task": task.name, "sampler": sampler.label}
@@ -249,7 +252,7 @@ def run_job(
         )
         run_row["n_prompts"] = len(prompts)
         label = f"{job.method} n={job.n_concepts} seed={job.seed}"
-        stages.generate(
+        stages.images.generate(
             erased,
             list(prompts["prompt"]),
             list(prompts["generation_seed"]),
@@ -327,7 +330,7 @@ def with_images(
     stages: Stages, erased: Any, prompts: pd.DataFrame, seeds: list[int]
 ) -> pd.DataFrame:
     """Prompt rows plus the seed and cache key of the image each one gets."""
-    keys = stages.image_keys(erased, list(prompts["prompt"]), seeds)
+    keys = stages.images.keys(erased, list(prompts["prompt"]), seeds)
     return prompts.assign(generation_seed=seeds, image_key=keys)
 
 
@@ -400,7 +403,7 @@ def run_attack(
         }
     )
     rows = with_images(stages, erased, rows, list(rows["evaluation_seed"]))
-    stages.generate(
+    stages.images.generate(
         erased,
         list(rows["prompt"]),
         list(rows["generation_seed"]),

@@ -13,8 +13,9 @@ from conftest import REPO
 from tiny import tiny_engine
 
 from fia_bench.cache import Cache
+from fia_bench.erasures import Job
 from fia_bench.models import LoadedModel, weights_fingerprint
-from fia_bench.stages import Job, Stages
+from fia_bench.stages import Stages
 from fia_bench.tasks import load_task
 from methods.sld import SLD
 
@@ -37,9 +38,9 @@ def job(method: str, **settings) -> Job:
 
 
 def images(stages: Stages, erased, prompts=PROMPTS, seeds=SEEDS) -> tuple[list[str], list]:
-    keys = stages.image_keys(erased, prompts, seeds)
-    stages.generate(erased, prompts, seeds, keys, "test")
-    return keys, [np.asarray(stages.image_path(k).open("rb").read()) for k in keys]
+    keys = stages.images.keys(erased, prompts, seeds)
+    stages.images.generate(erased, prompts, seeds, keys, "test")
+    return keys, [np.asarray(stages.images.path(k).open("rb").read()) for k in keys]
 
 
 def test_guided_images_have_their_own_keys_even_when_they_equal_the_unedited(
@@ -55,8 +56,8 @@ def test_guided_images_have_their_own_keys_even_when_they_equal_the_unedited(
     assert not set(off_keys) & set(base_keys)
     assert all(np.array_equal(a, b) for a, b in zip(base, off_images, strict=True))
     # every setting is in the key; the same settings give the same keys
-    medium = stages.image_keys(stages.erase(job("sld")), PROMPTS, SEEDS)
-    assert stages.image_keys(stages.erase(job("sld")), PROMPTS, SEEDS) == medium
+    medium = stages.images.keys(stages.erase(job("sld")), PROMPTS, SEEDS)
+    assert stages.images.keys(stages.erase(job("sld")), PROMPTS, SEEDS) == medium
     for change in (
         {"threshold": 0.02},
         {"guidance_scale": 999.0},
@@ -67,7 +68,7 @@ def test_guided_images_have_their_own_keys_even_when_they_equal_the_unedited(
         {"safety_concept": "a church"},
         {"preset": "strong"},
     ):
-        changed = stages.image_keys(stages.erase(job("sld", **change)), PROMPTS, SEEDS)
+        changed = stages.images.keys(stages.erase(job("sld", **change)), PROMPTS, SEEDS)
         assert not set(changed) & set(medium), change
         assert not set(changed) & set(base_keys), change
 
@@ -77,7 +78,7 @@ def test_weights_are_untouched_and_nothing_is_stored_as_an_edit(tmp_path: Path) 
     before = state_bytes(stages.model.pipe)
     erased = stages.erase(job("sld"))
     images(stages, erased)
-    assert erased.meta["changed"] == {} and erased.weights_id == stages.base_weights_id
+    assert erased.meta["changed"] == {} and erased.weights_id == stages.images.base_weights_id
     assert state_bytes(stages.model.pipe) == before
 
 
