@@ -22,6 +22,7 @@ from fia_bench.miniworld.judges import detect_hazards, load_classifier
 from fia_bench.miniworld.train import (
     TRAINED,
     Builder,
+    Loop,
     load_tensors,
     lr_scale,
     recipe,
@@ -155,6 +156,39 @@ def test_training_resumed_in_chunks_equals_uninterrupted(
     assert whole.keys() == parts.keys()
     for name, tensor in whole.items():
         assert torch.equal(tensor, parts[name]), name
+
+
+def test_a_training_killed_after_a_checkpoint_resumes_as_if_uninterrupted(tmp_path: Path) -> None:
+    """A checkpoint written during a run (every ``save_every_s``) is what a killed run leaves;
+    its optimiser holds the schedule's scaled rate, and the resumed run must not take that for
+    the base rate."""
+
+    class Killed(Exception):
+        pass
+
+    def train(build: Path, kill_at: int | None = None) -> dict[str, torch.Tensor]:
+        module = torch.nn.Linear(3, 1)
+        torch.nn.init.constant_(module.weight, 0.5)
+        torch.nn.init.constant_(module.bias, 0.0)
+
+        def on_step() -> None:
+            if kill_at is not None and loop.step == kill_at:
+                raise Killed
+
+        loop = Loop(build, "vae", {"m": module}, lr=0.1, steps=[4, 4], on_step=on_step)
+
+        def loss_fn(g: torch.Generator) -> torch.Tensor:
+            return (module(torch.randn(2, 3, generator=g)) - 1).pow(2).mean()
+
+        loop.run(0, loss_fn, (float("inf"), 2**62), warmup=2, save_every_s=-1.0)
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(Killed):
+        train(tmp_path / "killed", kill_at=3)  # dies before step 3's checkpoint
+    assert load_tensors(tmp_path / "killed" / "vae.state.safetensors")[1]["step"] == 2
+    resumed = train(tmp_path / "killed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_a_build_carried_with_its_small_files_alone_resumes_identically(

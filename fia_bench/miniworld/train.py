@@ -271,6 +271,10 @@ class Loop:
             self.optimizer.load_state_dict(
                 {"state": {int(i): s for i, s in moments.items()}, "param_groups": meta["groups"]}
             )
+            # a checkpoint saved during a run holds the schedule's scaled rate: the base rate is
+            # the recipe's, or a run stopped by a kill would resume at a fraction of it
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.step, self.ema = meta["step"], nest(tensors, "ema") or None
 
     def save(self) -> None:
