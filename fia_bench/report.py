@@ -730,40 +730,40 @@ def write_run(
 # ---- merging -------------------------------------------------------------------------------
 def load_runs(
     dirs: list[Path],
-) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache], dict, list[str]]:
+) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache], dict, dict[str, str]]:
     """Concatenate run directories; rows measured by several runs (the shared reference) must
     agree exactly and are kept once, and each model must be one build. Also returns each run's
-    configuration and model weights."""
-    records, runs, caches, configs, weights = [], [], [], {}, []
+    configuration and model weights. A merged report is a run directory too: its rows keep the
+    run they came from (its records' ``run_dir``), so a report grows by merging it with new
+    runs, on a machine that never had the old ones."""
+    records, runs, caches, configs, builds = [], [], [], {}, []
     for d in dirs:
         for name in ("records.csv", "runs.csv", "manifest.json"):
             if not (d / name).is_file():
                 raise FiaBenchError(f"{d} is not a fia_bench run directory (no {name})")
-        records.append(
-            read_run_table(
-                d / "records.csv",
-                RECORD_COLUMNS,
-                na_values=[""],
-                dtype={"prompt_id": str, "prompt": str, "image_key": str},
-                added=ADDED_RECORD_COLUMNS,
-            )
+        frame = read_run_table(
+            d / "records.csv",
+            RECORD_COLUMNS,
+            na_values=[""],
+            dtype={"prompt_id": str, "prompt": str, "image_key": str, "run_dir": str},
+            added=(*ADDED_RECORD_COLUMNS, "run_dir"),
         )
+        frame["model"] = frame["model"].fillna("")
+        merged_configs, model_weights = read_manifest(d / "manifest.json", str(d), frame)
+        frame["run_dir"] = frame["run_dir"].fillna("").replace("", str(d))
+        unknown = sorted(set(frame["run_dir"]) - set(merged_configs))
+        if unknown:
+            raise FiaBenchError(
+                f"{d / 'records.csv'}: rows of run {unknown[0]}, which its manifest does not list"
+            )
+        records.append(frame)
         runs.append(read_run_table(d / "runs.csv", RUN_COLUMNS, na_values=[]))
-        config, model_weights = read_manifest(d / "manifest.json")
-        caches.append(Cache(config["cache_dir"]))
-        configs[str(d)] = config
-        weights.append(model_weights)
-    check_one_build(
-        [
-            (str(d), model, w)
-            for d, frame, w in zip(dirs, records, weights, strict=True)
-            for model in frame["model"].unique()
-        ]
-    )
-    merged = pd.concat(
-        [frame.assign(run_dir=str(d)) for d, frame in zip(dirs, records, strict=True)],
-        ignore_index=True,
-    )[[*RECORD_COLUMNS, "run_dir"]]
+        configs |= merged_configs
+        caches += [Cache(config["cache_dir"]) for config in merged_configs.values()]
+        builds += [(str(d), model, model_weights[model]) for model in frame["model"].unique()]
+    check_one_build(builds)
+    weights = {model: w for _, model, w in builds}  # one build per model, checked
+    merged = pd.concat(records, ignore_index=True)[[*RECORD_COLUMNS, "run_dir"]]
     merged[["image_key", "prompt"]] = merged[["image_key", "prompt"]].fillna("")
     merged["role"] = merged["role"].replace(OLD_ROLES)
     # a prompt's text is its id's: rows of an older run (no text) are the same rows
@@ -781,7 +781,6 @@ def load_runs(
             f"{r.evaluator}/{r.metric} {r.prompt_id}: {first} and {other} differ in "
             f"{protocol_difference(configs[first], configs[other])}; merge runs of one protocol"
         )
-    merged = merged[RECORD_COLUMNS]
     all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
     return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
 
@@ -878,17 +877,33 @@ def read_run_table(
     return frame
 
 
-def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
-    """(resolved config, model weights fingerprint) of a run's manifest."""
+def read_manifest(
+    path: Path, run_dir: str, records: pd.DataFrame
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """({run directory: resolved config}, {model: weights fingerprint}) of a run's manifest, or
+    of a merged report's (every run it merged, and the one build of each model it holds)."""
     try:
         manifest = read_json(path)
-        config, weights = manifest["config"], manifest["inputs"]["model_weights"]
-        str(config["cache_dir"])
+        if "merged_runs" in manifest:
+            if "model_weights" not in manifest or records["run_dir"].fillna("").eq("").any():
+                raise FiaBenchError(
+                    f"{path}: a report merged before reports recorded their runs and builds; "
+                    "merge the run directories its merged_runs lists instead"
+                )
+            configs, weights = dict(manifest["merged_runs"]), dict(manifest["model_weights"])
+        else:
+            configs = {run_dir: manifest["config"]}
+            weights = dict.fromkeys(records["model"].unique(), manifest["inputs"]["model_weights"])
+        for config in configs.values():
+            str(config["cache_dir"])
+        missing = sorted(set(records["model"]) - set(weights))
+        if missing:
+            raise KeyError(f"model_weights of {missing[0]}")
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FiaBenchError(f"{path}: not JSON ({err})") from err
     except (KeyError, TypeError) as err:
         raise FiaBenchError(f"{path}: not a fia_bench manifest (no {err})") from err
-    return config, str(weights)
+    return configs, {str(k): str(v) for k, v in weights.items()}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -952,12 +967,17 @@ def main(argv: list[str] | None = None) -> int:
             args.alpha,
             args.grid_prompts,
             args.reference,
-            weights,
+            list(weights.values()),
             order,
         )
         write_json(
             args.out / "manifest.json",
-            {"merged_runs": configs, "versions": versions(), "git": git_state()},
+            {
+                "merged_runs": configs,
+                "model_weights": weights,
+                "versions": versions(),
+                "git": git_state(),
+            },
         )
     except FiaBenchError as err:
         print(f"fia_bench.report: error: {err}", file=sys.stderr)

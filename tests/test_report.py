@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -280,6 +281,48 @@ def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, caps
     assert main([*paths, "--out", str(tmp_path / "r")]) == 0
     merged = pd.read_csv(tmp_path / "r" / "records.csv")
     assert len(merged) == len(records) and set(merged["role"]) == {"forget"}
+
+
+def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> None:
+    """Runs merged into a report, then the report merged with one more run, give the tables
+    that merging all the runs at once gives: a published report is extended on a machine
+    that never had its runs."""
+    from fia_bench.report import main
+
+    jobs = {("none", 0): (1.0, 2.0), ("uce", 0): (0.0, 1.0), ("none", 1): (3.0, 4.0)}
+    jobs |= {("uce", 1): (1.0, 1.0), ("esd", 0): (2.0, 0.0), ("esd", 1): (1.0, 3.0)}
+    records, runs = job_rows(jobs)
+    records = records.assign(model="tiny")
+    for name, methods in (("a", ("none", "uce")), ("b", ("none", "esd"))):
+        write_run_dir(
+            tmp_path / name,
+            records[records["method"].isin(methods)],
+            runs[runs["method"].isin(methods)],
+        )
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([str(a), str(b), "--out", str(tmp_path / "at_once")]) == 0
+    assert main([str(a), "--out", str(tmp_path / "first")]) == 0
+    shutil.rmtree(a)  # the report alone travels
+    assert main([str(tmp_path / "first"), str(b), "--out", str(tmp_path / "grown")]) == 0
+    for table in ("summary.csv", "tests.csv", "runs.csv", "records.csv"):
+        at_once = (tmp_path / "at_once" / table).read_text(encoding="utf-8")
+        assert (tmp_path / "grown" / table).read_text(encoding="utf-8") == at_once, table
+    manifest = json.loads((tmp_path / "grown" / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["merged_runs"]) == {str(a), str(b)}
+    assert manifest["model_weights"] == {"tiny": "ab" * 32}
+    # the grown report merges again, and a build of the model it does not hold is refused
+    assert main([str(tmp_path / "grown"), "--out", str(tmp_path / "again")]) == 0
+    other = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
+    other["inputs"]["model_weights"] = "cd" * 32
+    (b / "manifest.json").write_text(json.dumps(other), encoding="utf-8")
+    assert main([str(tmp_path / "first"), str(b), "--out", str(tmp_path / "mixed")]) == 2
+    assert "loaded different weights" in capsys.readouterr().err
+    # a report merged before reports recorded their runs says what to merge instead
+    old = json.loads((tmp_path / "first" / "manifest.json").read_text(encoding="utf-8"))
+    del old["model_weights"]
+    (tmp_path / "first" / "manifest.json").write_text(json.dumps(old), encoding="utf-8")
+    assert main([str(tmp_path / "first"), "--out", str(tmp_path / "old")]) == 2
+    assert "merge the run directories its merged_runs lists" in capsys.readouterr().err
 
 
 def summary_of(values: dict[tuple[str, str, str], tuple[float, float]]) -> pd.DataFrame:
