@@ -3,7 +3,8 @@
 One base model is loaded per process and every edit is made on it and undone after
 (``ImageMaker.edited``), so methods never see each other's edits. An image's key names what
 made it (weights, guidance, sampler, resolution, precision, prompt, seed), never the batch it
-was made in. The counts of every stage of a run (``StageCounts``) start here, the lowest one."""
+was made in. ``StageCounts`` and ``timed`` live here, in the lowest stage module, because every
+stage adds to them."""
 
 from __future__ import annotations
 
