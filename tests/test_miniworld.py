@@ -125,14 +125,33 @@ def test_sublayer_ablation_restores_the_weights_and_zeroed_values_silence_the_te
     assert out["ablation_attn2.to_v_zeroed"] == 50.0
 
 
+def test_module_ablation_covers_every_transformer_module_and_restores_the_weights() -> None:
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from fia_bench.miniworld.card import MODULE_FAMILIES, module_ablation
+
+    engine = tiny_engine()
+    unet = engine.pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    clip = load_clip({"arch": "tiny_random", "seed": 0}, "cpu")
+    out = module_ablation(engine, clip, ["star", "ring"], ["a {concept}"], 1)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    modules = [n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+    assert len(modules) >= 2
+    rows = {f"module_{m}_{f}_zeroed" for m in modules for f in MODULE_FAMILIES}
+    assert set(out) == rows | {"module_images", "module_base"}
+
+
 def test_sublayer_rows_of_a_build_in_progress(toy_world: tuple[Path, Path, Path]) -> None:
     """The card's sublayer check runs on a build's generator as it stands: the early checkpoint
     on which issue 16 asks to check the architecture before paying for the whole build."""
     from fia_bench.miniworld.card import sublayers
 
     root, path, _ = toy_world
-    out = sublayers(root / "build", images_per_prompt=1, objects=2, recipe_path=path)
-    assert out["ablation_images"] == 2 * 4  # two objects, the objects task's four templates
+    out = sublayers(
+        root / "build", images_per_prompt=1, objects=2, recipe_path=path, per_module=True
+    )
+    assert out["ablation_images"] == out["module_images"] == 2 * 4  # the task's four templates
     assert all(0 <= v <= 100 for k, v in out.items() if k.endswith(("_zeroed", "_random5")))
 
 

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     layers.add_argument("--objects", type=int, default=None, help="only the first N objects")
     layers.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
     layers.add_argument("--out", type=Path, default=None, help="also write the figures here")
+    layers.add_argument(
+        "--per-module",
+        action="store_true",
+        help="also zero FFN2 and the cross-attention values one transformer module at a time",
+    )
     upstream = sub.add_parser(
         "judges",
         help="a build's VAE (PSNR) and judges (accuracy on held-out renders of its world) as "
@@ -91,7 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sublayers":
         from fia_bench.miniworld.card import sublayers
 
-        result = sublayers(args.build, args.images_per_prompt, args.objects, args.recipe)
+        result = sublayers(
+            args.build,
+            args.images_per_prompt,
+            args.objects,
+            args.recipe,
+            per_module=args.per_module,
+        )
         text = json.dumps(result, indent=1)
         if args.out:
             args.out.write_text(text + "\n", encoding="utf-8")

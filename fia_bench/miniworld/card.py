@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -258,13 +261,11 @@ FAMILIES = ("ff.net.2", "attn2.to_v", "attn2.to_k", "attn1.to_v", "ff.net.0.proj
 RANDOM_SHARE = 0.05
 
 
-@torch.no_grad()
-def sublayer_ablation(
-    engine: Engine, clip: Any, classes: list[str], templates: list[str], images_per_prompt: int
-) -> dict[str, float]:
-    """Is each family load-bearing, as in SD? Base object accuracy (mini CLIP) with every weight
-    of the family zeroed, and with a random 5% of them zeroed (seeded), the weights restored
-    after each. A world whose objects survive a zeroed FFN2 cannot show what FFN masking does."""
+def ablation_prompts(
+    classes: list[str], templates: list[str], images_per_prompt: int
+) -> tuple[list[str], list[str], list[int]]:
+    """(prompts, true object, seed): every template of every object, ``images_per_prompt``
+    seeds each."""
     prompts, truth, seeds = [], [], []
     for concept in classes:
         for t, template in enumerate(templates):
@@ -272,27 +273,82 @@ def sublayer_ablation(
                 prompts.append(template.format(concept=concept))
                 truth.append(concept)
                 seeds.append(10_000 * t + k)
+    return prompts, truth, seeds
+
+
+@contextmanager
+def zeroed(layers: list[Any], share: float = 1.0) -> Iterator[None]:
+    """The layers' weights zeroed (all, or a seeded random ``share`` of them), restored after."""
+    saved = [layer.weight.detach().clone() for layer in layers]
+    draw = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers:
+            if share >= 1.0:
+                layer.weight.zero_()
+            else:
+                kept = torch.rand(layer.weight.shape, generator=draw) >= share
+                layer.weight.mul_(kept.to(layer.weight))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved, strict=True):
+                layer.weight.copy_(weight)
+
+
+@torch.no_grad()
+def sublayer_ablation(
+    engine: Engine, clip: Any, classes: list[str], templates: list[str], images_per_prompt: int
+) -> dict[str, float]:
+    """Is each family load-bearing, as in SD? Base object accuracy (mini CLIP) with every weight
+    of the family zeroed, and with a random 5% of them zeroed (seeded), the weights restored
+    after each. A world whose objects survive a zeroed FFN2 cannot show what FFN masking does."""
+    prompts, truth, seeds = ablation_prompts(classes, templates, images_per_prompt)
     unet = engine.pipe.unet
     out = {"ablation_images": float(len(prompts))}
     out["ablation_base"] = clip_zero_shot(clip, generate(engine, prompts, seeds), truth, classes)
     for family in FAMILIES:
         layers = [m for n, m in unet.named_modules() if n.endswith(family)]
-        saved = [layer.weight.detach().clone() for layer in layers]
-        for mode in ("zeroed", "random5"):
-            draw = torch.Generator().manual_seed(0)
-            for layer in layers:
-                if mode == "zeroed":
-                    layer.weight.zero_()
-                else:
-                    kept = torch.rand(layer.weight.shape, generator=draw) >= RANDOM_SHARE
-                    layer.weight.mul_(kept.to(layer.weight))
-            images = generate(engine, prompts, seeds)
+        for mode, share in (("zeroed", 1.0), ("random5", RANDOM_SHARE)):
+            with zeroed(layers, share):
+                images = generate(engine, prompts, seeds)
             out[f"ablation_{family}_{mode}"] = clip_zero_shot(clip, images, truth, classes)
-            for layer, weight in zip(layers, saved, strict=True):
-                layer.weight.copy_(weight)
         out[f"ablation_{family}_random5_cost_points"] = (
             out["ablation_base"] - out[f"ablation_{family}_random5"]
         )
+    return out
+
+
+# one transformer module of the UNet (diffusers' Transformer2DModel, all its layers)
+TRANSFORMER_MODULE = re.compile(
+    r"(down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+"
+)
+MODULE_FAMILIES = ("ff.net.2", "attn2.to_v")
+
+
+@torch.no_grad()
+def module_ablation(
+    engine: Engine, clip: Any, classes: list[str], templates: list[str], images_per_prompt: int
+) -> dict[str, float]:
+    """Where do the objects enter and where are they looked up? Object accuracy with FFN2, then
+    the cross-attention values, zeroed in one transformer module at a time. A world whose
+    objects all enter through one module's cross-attention and are then drawn by the
+    convolutions shows it here: that module's value row falls to chance, no FFN row falls far."""
+    prompts, truth, seeds = ablation_prompts(classes, templates, images_per_prompt)
+    unet = engine.pipe.unet
+    modules = [n for n, _ in unet.named_modules() if TRANSFORMER_MODULE.fullmatch(n)]
+    out = {"module_images": float(len(prompts))}
+    out["module_base"] = clip_zero_shot(clip, generate(engine, prompts, seeds), truth, classes)
+    for module in modules:
+        for family in MODULE_FAMILIES:
+            layers = [
+                m
+                for n, m in unet.named_modules()
+                if n.startswith(f"{module}.") and n.endswith(family)
+            ]
+            with zeroed(layers):
+                images = generate(engine, prompts, seeds)
+            out[f"module_{module}_{family}_zeroed"] = clip_zero_shot(clip, images, truth, classes)
     return out
 
 
@@ -302,10 +358,12 @@ def sublayers(
     objects: int | None,
     recipe_path: Path | None = None,
     device: str = "cpu",
+    per_module: bool = False,
 ) -> dict[str, Any]:
     """The card's sublayer rows alone, on the shipped weights or (``build``) on a build's
     generator as it stands, judged by that build's mini CLIP: the check of issue 16 on an early
-    checkpoint, before paying for the full build."""
+    checkpoint, before paying for the full build. ``per_module`` adds the rows of
+    ``module_ablation``."""
     import fia_bench
 
     cfg = fia_bench.compose(["model=mini"])
@@ -324,7 +382,10 @@ def sublayers(
     sampler = Sampler.from_config(cfg.sampler)
     engine = Engine(pipe.to(device), sampler, int(cfg.model.resolution), device, torch.float32)
     templates = list(load_task("objects", "mini").templates)
-    return sublayer_ablation(engine, clip, names[:objects], templates, images_per_prompt)
+    rows = sublayer_ablation(engine, clip, names[:objects], templates, images_per_prompt)
+    if per_module:
+        rows |= module_ablation(engine, clip, names[:objects], templates, images_per_prompt)
+    return rows
 
 
 def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str, Any]:
