@@ -23,6 +23,7 @@ from fia_bench.miniworld.train import (
     TRAINED,
     Builder,
     Loop,
+    build_unet,
     load_tensors,
     lr_scale,
     recipe,
@@ -354,6 +355,20 @@ def test_a_subset_generator_trains_on_its_shapes_alone_and_the_whole_world_sampl
     path = probe.variants_file().with_name("subset_variants.yaml")
     subsets = probe.variant_recipes(recipe(), yaml.safe_load(path.read_text("utf-8")), path)
     assert {r["generator"]["subjects"] for r in subsets.values()} == {10}
+
+
+@pytest.mark.parametrize("name", ["variants.yaml", "subset_variants.yaml"])
+def test_every_variant_builds_its_generator(name: str) -> None:
+    """A typo in a variant (a block type, a channel count the norm groups do not divide) must
+    fail here, not after the probe has paid for the upstream on a lent GPU."""
+    path = probe.variants_file().with_name(name)
+    variants = probe.variant_recipes(recipe(), yaml.safe_load(path.read_text("utf-8")), path)
+    for r in variants.values():
+        latent = torch.zeros(1, 4, 16, 16)  # 32 px through the recipe's factor-2 VAE
+        text = torch.zeros(1, r["tokenizer_max_length"], r["text_encoder"]["hidden_size"])
+        with torch.no_grad():
+            out = build_unet(r)(latent, torch.tensor([10]), encoder_hidden_states=text).sample
+        assert out.shape == latent.shape
 
 
 def test_a_variant_meets_the_sublayer_targets_only_when_it_draws_its_objects() -> None:
