@@ -48,8 +48,11 @@ mini-world-card: $(STAMP)
 mini-world-probe: $(STAMP)
 	$(PY) -m fia_bench.miniworld.probe --build .mini_world_build $(ARGS)
 
-# Every method plugin on the mini world (docs/results_mini.md), merged into one report. Runs are
-# cached, so it can be built a few methods at a time: make results-mini METHODS=fia,uce
+# The five seed-paper methods on the mini world (docs/results_mini.md), each twice: at its papers'
+# settings and at its mini preset (preset=mini, docs/mini_presets.md), 1 to 50 objects, 3 seeds,
+# merged into one report. Runs are cached, so it can be built a few methods at a time:
+# make results-mini METHODS=fia,uce; any other method plugin joins the same way
+# (METHODS=conceptprune,mace,speed,rece,ac,fmn,salun,sld,safree).
 # The closed forms (uce, scapre, speed, rece) and pruning (fia, conceptprune) erase in seconds;
 # sld and safree edit nothing and cost up to 1.5x the UNet work on every image they make. The
 # fine-tuning methods take minutes per erasure on 2 CPU cores (benchmarks/README.md, README.md):
@@ -57,12 +60,14 @@ mini-world-probe: $(STAMP)
 # 6 min (5 of them its anchor images, cached after the first erasure) and salun about 5 min (half
 # of it its forget and retain images, also cached).
 RESULTS_MINI := multirun/results_mini
-METHODS ?= fia,scapre,dynamic_mask,esd,uce,conceptprune,mace,speed,rece,ac,fmn,salun,sld,safree
+METHODS ?= fia,scapre,dynamic_mask,esd,uce
+MINI_SWEEP := $(PY) -m fia_bench -m method=$(METHODS) task=objects \
+	'n_concepts=[1,5,10,25,50]' seeds=3 task.prompts.settings.per_concept=8
 results-mini: $(STAMP)
-	$(PY) -m fia_bench -m method=$(METHODS) task=objects \
-		'n_concepts=[1,5,10]' seeds=3 task.prompts.settings.per_concept=8 \
-		hydra.sweep.dir=$(RESULTS_MINI)/$(subst $(comma),_,$(METHODS)) $(ARGS)
-	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/*/ --out docs/results_mini \
+	$(MINI_SWEEP) hydra.sweep.dir=$(RESULTS_MINI)/papers/$(subst $(comma),_,$(METHODS)) $(ARGS)
+	$(MINI_SWEEP) preset=mini \
+		hydra.sweep.dir=$(RESULTS_MINI)/mini/$(subst $(comma),_,$(METHODS)) $(ARGS)
+	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/*/*/ --out docs/results_mini \
 		--markdown docs/results_mini.md
 
 # UCE on the mini world's hazard task with every explicit-content evaluator and the three

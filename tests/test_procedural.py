@@ -17,8 +17,8 @@ from fia_bench.datasets.procedural import (
 )
 from fia_bench.tasks import load_task
 
-# the shipped build's world and the one the recipe trains (issue 16's second build)
-WORLDS = ["procedural", "procedural_next"]
+# the shipped build's world, which the recipe trains
+WORLDS = ["procedural"]
 
 
 def pixels(scene: Scene, seed: int = 0, world_name: str = "procedural") -> np.ndarray:
@@ -81,35 +81,41 @@ def test_sampled_scenes_are_seeded_and_cover_the_vocabulary(world_name: str) -> 
 
 
 def test_glyph_shapes_keep_their_silhouette_in_every_style() -> None:
-    """The second build draws between stripes, dots and checks in a contrasting tone instead
-    of leaving gaps, so a thin font glyph stays whole in every style (the first build's striped
-    style drew half of it)."""
-    w = world("procedural_next")
+    """Stripes, dots and checks alternate with a contrasting tone of the colour instead of
+    leaving gaps, so a thin font glyph stays whole in every style (the first build's striped
+    style left gaps and drew half of it)."""
+    w = world("procedural")
     assert set(w["glyphs"]) < set(w["shapes"]) and len(w["shapes"]) >= 60
 
-    def drawn(world_name: str, style: str) -> np.ndarray:
+    def drawn(style: str) -> np.ndarray:
         seed, place = 4, "sky"  # one seed and place: the same geometry in every style
-        background = _background(place, 64, np.random.default_rng(seed), world(world_name))
-        subject = "anchor" if world_name == "procedural_next" else "cross"
-        image = pixels(Scene(subject, "red", style, place), seed, world_name)
+        background = _background(place, 64, np.random.default_rng(seed), w)
+        image = pixels(Scene("anchor", "red", style, place), seed)
         return np.abs(image - background.astype(np.int16)).sum(axis=2) > 30
 
-    def coverage(world_name: str, style: str) -> float:
-        flat = drawn(world_name, "flat")
-        return float((drawn(world_name, style) & flat).sum() / flat.sum())
-
+    flat = drawn("flat")
     for style, spec in w["styles"].items():
         if spec.get("under") != "plate" and spec["fill"] != "outline":
-            assert coverage("procedural_next", style) > 0.9, style
-    assert coverage("procedural", "striped") < 0.7
+            assert (drawn(style) & flat).sum() / flat.sum() > 0.9, style
 
 
 def test_mini_tasks_name_only_rendered_concepts() -> None:
     w = world("procedural")
     vocabulary = {
         "objects": set(w["shapes"]),
+        "objects_heldout": set(w["shapes"]),
         "styles": set(w["styles"]),
         "explicit": set(w["hazards"]),
     }
     for task, allowed in vocabulary.items():
         assert set(load_task(task, "mini").concepts) <= allowed
+
+
+def test_the_mini_tasks_sweep_50_objects_10_styles_and_hold_10_objects_out() -> None:
+    """Issue 16's concept counts: task=objects n_concepts=[1,5,10,25,50] needs 50 objects; the
+    world lists them first, then the held-out ones."""
+    shapes = world("procedural")["shapes"]
+    objects, heldout = load_task("objects", "mini"), load_task("objects_heldout", "mini")
+    assert list(objects.concepts) == shapes[:50] and list(heldout.concepts) == shapes[50:]
+    assert len(heldout.concepts) >= 10 and len(load_task("styles", "mini").concepts) >= 10
+    assert len(load_task("explicit", "mini").concepts) >= 2
