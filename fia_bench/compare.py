@@ -83,6 +83,12 @@ def find_runs(paths: list[Path]) -> list[Run]:
         )
         records["role"] = records["role"].replace(OLD_ROLES)
         manifest = read_json(d / "manifest.json")
+        if "merged_runs" in manifest:
+            raise FiaBenchError(
+                f"{d} is a merged report (python -m fia_bench.report --out), not a run; "
+                f"compare the {len(manifest['merged_runs'])} run directories its manifest's "
+                "merged_runs lists"
+            )
         jobs = (
             pd.read_csv(d / "runs.csv", keep_default_na=False, na_values=[])
             if (d / "runs.csv").is_file()

@@ -414,6 +414,11 @@ def test_ambiguous_rows_and_foreign_runs_are_one_line_errors(tmp_path: Path) -> 
         )
     assert main([str(other)]) == 0
     assert main([str(tmp_path)]) == 2
+    merged = fake_run(tmp_path / "merged", RECIPE, "uce", quality)
+    manifest = {"merged_runs": {"a": {}, "b": {}}, "model_weights": {}}
+    (merged / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(FiaBenchError, match=r"merged report .* the 2 run directories"):
+        compare([merged])
 
 
 def test_a_recipe_sweep_and_its_report_from_the_command_line(
