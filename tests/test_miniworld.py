@@ -153,6 +153,7 @@ def test_sublayer_rows_of_a_build_in_progress(toy_world: tuple[Path, Path, Path]
         root / "build", images_per_prompt=1, objects=2, recipe_path=path, per_module=True
     )
     assert out["ablation_images"] == out["module_images"] == 2 * 4  # the task's four templates
+    assert out["module_base"] == out["ablation_base"]  # the same images, generated once
     assert all(0 <= v <= 100 for k, v in out.items() if k.endswith(("_zeroed", "_random5")))
 
 

@@ -328,17 +328,26 @@ MODULE_FAMILIES = ("ff.net.2", "attn2.to_v")
 
 @torch.no_grad()
 def module_ablation(
-    engine: Engine, clip: Any, classes: list[str], templates: list[str], images_per_prompt: int
+    engine: Engine,
+    clip: Any,
+    classes: list[str],
+    templates: list[str],
+    images_per_prompt: int,
+    base: float | None = None,
 ) -> dict[str, float]:
     """Where do the objects enter and where are they looked up? Object accuracy with FFN2, then
     the cross-attention values, zeroed in one transformer module at a time. A world whose
     objects all enter through one module's cross-attention and are then drawn by the
-    convolutions shows it here: that module's value row falls to chance, no FFN row falls far."""
+    convolutions shows it here: that module's value row falls to chance, no FFN row falls far.
+    ``base``: the accuracy with nothing zeroed on the same prompts and seeds, when the caller
+    has measured it already (``sublayer_ablation``'s)."""
     prompts, truth, seeds = ablation_prompts(classes, templates, images_per_prompt)
     unet = engine.pipe.unet
     modules = [n for n, _ in unet.named_modules() if TRANSFORMER_MODULE.fullmatch(n)]
     out = {"module_images": float(len(prompts))}
-    out["module_base"] = clip_zero_shot(clip, generate(engine, prompts, seeds), truth, classes)
+    if base is None:
+        base = clip_zero_shot(clip, generate(engine, prompts, seeds), truth, classes)
+    out["module_base"] = base
     for module in modules:
         for family in MODULE_FAMILIES:
             layers = [
@@ -384,7 +393,9 @@ def sublayers(
     templates = list(load_task("objects", "mini").templates)
     rows = sublayer_ablation(engine, clip, names[:objects], templates, images_per_prompt)
     if per_module:
-        rows |= module_ablation(engine, clip, names[:objects], templates, images_per_prompt)
+        rows |= module_ablation(
+            engine, clip, names[:objects], templates, images_per_prompt, rows["ablation_base"]
+        )
     return rows
 
 
