@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from fia_bench.datasets.procedural import (
     sample_scenes,
     world,
 )
+from fia_bench.resources import shipped
 from fia_bench.tasks import load_task
 
 # the shipped build's world, which the recipe trains
@@ -119,3 +122,25 @@ def test_the_mini_tasks_sweep_50_objects_10_styles_and_hold_10_objects_out() -> 
     assert list(objects.concepts) == shapes[:50] and list(heldout.concepts) == shapes[50:]
     assert len(heldout.concepts) >= 10 and len(load_task("styles", "mini").concepts) >= 10
     assert len(load_task("explicit", "mini").concepts) >= 2
+
+
+def test_the_coco_analogue_names_no_concept_of_any_mini_task() -> None:
+    """experiments/data/mini_captions.csv stands in for COCO's captions in the mini recipes:
+    every caption of the world that names a colour and a place and no shape, style or hazard, so
+    erasing a task's concepts never removes a word from it (at 50 objects no other shape is
+    left to name)."""
+    w = world("procedural")
+    path = shipped("experiments/data/mini_captions.csv")
+    with path.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    prompts = [row["prompt"] for row in rows]
+    expected = [f"a {c} shape in the {p}" for c in w["colours"] for p in w["places"]]
+    assert prompts == expected + [f"a {p}" for p in w["places"]]
+    assert [int(row["evaluation_seed"]) for row in rows] == list(range(len(rows)))
+    assert {"a {colour} shape in the {place}", "a {place}"} <= set(w["captions"])
+    named = {
+        c
+        for task in ("objects", "objects_heldout", "styles", "explicit")
+        for c in load_task(task, "mini").concepts
+    }
+    assert not named & {word for p in prompts for word in re.findall(r"[a-z]+", p)}
