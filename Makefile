@@ -61,8 +61,7 @@ mini-world-probe: $(STAMP)
 # of it its forget and retain images, also cached).
 RESULTS_MINI := multirun/results_mini
 METHODS ?= fia,scapre,dynamic_mask,esd,uce
-MINI_SWEEP := $(PY) -m fia_bench -m method=$(METHODS) task=objects \
-	'n_concepts=[1,5,10,25,50]' seeds=3 task.prompts.settings.per_concept=8
+MINI_SWEEP := $(PY) -m fia_bench -m experiment=results_mini method=$(METHODS)
 results-mini: $(STAMP)
 	$(MINI_SWEEP) hydra.sweep.dir=$(RESULTS_MINI)/papers/$(subst $(comma),_,$(METHODS)) $(ARGS)
 	$(MINI_SWEEP) preset=mini \

@@ -23,7 +23,9 @@ from fia_bench.validate import check_config
 CONF = Path(__file__).resolve().parent.parent / "conf" / "experiment"
 EXPERIMENTS = sorted(p.relative_to(CONF).with_suffix("").as_posix() for p in CONF.rglob("*.yaml"))
 BUILDING_BLOCKS = [e for e in EXPERIMENTS if e.startswith(("arm/", "parts/"))]
-RECIPES = [e for e in EXPERIMENTS if e not in BUILDING_BLOCKS and e != "tiny_sweep"]
+# experiments that set a sweep's protocol without reproducing a paper table
+SWEEPS = ["results_mini", "tiny_sweep"]
+RECIPES = [e for e in EXPERIMENTS if e not in BUILDING_BLOCKS and e not in SWEEPS]
 SD_RECIPES = [r for r in RECIPES if not r.startswith("mini/")]
 MINI_RECIPES = [r for r in RECIPES if r.startswith("mini/")]
 
@@ -72,6 +74,18 @@ def test_building_blocks_compose(name: str) -> None:
     cfg = composed(name)
     if name.startswith("arm/"):
         METHODS.get(str(cfg.method.name), "method=")
+
+
+def test_results_mini_sweeps_every_count_of_the_objects_and_scores_the_coco_analogue() -> None:
+    """The protocol of make results-mini: issue 16's counts reach every object of the task, and
+    CLIP_coco is measured where at 50 erased objects no object is left to retain."""
+    cfg = composed("results_mini", "method=fia")
+    check_config(cfg)
+    task = load_task(str(cfg.task.name), str(cfg.model.world))
+    assert list(cfg.n_concepts) == [1, 5, 10, 25, 50] == [*cfg.n_concepts[:-1], len(task.concepts)]
+    assert cfg.seeds == 3 and cfg.task.quality.dataset == "coco_captions"
+    assert list(cfg.evaluator.clip_score.roles) == ["quality"]
+    assert "quality" not in cfg.evaluator.clip_accuracy.roles
 
 
 @pytest.mark.parametrize("name", RECIPES)
