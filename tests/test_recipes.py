@@ -80,7 +80,7 @@ def test_results_mini_sweeps_every_count_of_the_objects_and_scores_the_coco_anal
     """The protocol of make results-mini: issue 16's counts reach every object of the task, and
     CLIP_coco is measured where at 50 erased objects no object is left to retain."""
     cfg = composed("results_mini", "method=fia")
-    check_config(cfg)
+    check_config(cfg, machine=False)
     task = load_task(str(cfg.task.name), str(cfg.model.world))
     assert list(cfg.n_concepts) == [1, 5, 10, 25, 50] == [*cfg.n_concepts[:-1], len(task.concepts)]
     assert cfg.seeds == 3 and cfg.task.quality.dataset == "coco_captions"
