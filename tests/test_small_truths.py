@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FAST, REPO
 
 import fia_bench
@@ -62,6 +63,17 @@ def test_every_training_method_config_has_its_smoke_caps() -> None:
         settings = fia_bench.compose([f"method={path.stem}"]).method.settings
         if trained & set(settings):
             assert (CONF / "preset_caps" / "method" / "smoke" / path.name).is_file(), path.stem
+
+
+def test_every_method_config_with_settings_applies_its_preset_file() -> None:
+    """preset=smoke and preset=mini reach a method only through this defaults line; a config
+    without it would run unchanged under either preset, silently."""
+    for path in sorted((CONF / "method").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not spec["settings"]:
+            continue
+        entry = {"optional /preset_caps/method@settings": f"${{preset}}/{path.stem}"}
+        assert entry in spec.get("defaults", []), path.name
 
 
 def test_esd_smoke_run_trains_the_capped_iterations(tmp_path: Path, cache_dir: Path) -> None:
