@@ -120,8 +120,12 @@ def concept_tables(
 ) -> list[tuple[str, list[str], list[list[str]]]]:
     """Paper layout per (n_concepts, per-prompt metric): one row per concept, one column per
     method (named with the rule it applied, ``labels`` from ``rule_labels``), then the average
-    forget and retain rows. ``planned``: seeds run per concept count."""
-    per_prompt = records[(records["role"] != "all") & ~records["metric"].str.startswith(COUNT)]
+    forget and retain rows. ``planned``: seeds run per concept count. A metric measured only on
+    concept-free prompts (``quality``: captions that name no concept) has no concept rows; its
+    values are in the summary, not in an empty table here."""
+    per_prompt = records[
+        records["role"].isin(["forget", "retain"]) & ~records["metric"].str.startswith(COUNT)
+    ]
     units = stats.paired_units(per_prompt)
     tables = []
     for (n, evaluator, metric), frame in units.groupby(["n_concepts", "evaluator", "metric"]):

@@ -78,6 +78,19 @@ def test_accuracy_tables_end_with_fia_overall_per_seed() -> None:
     assert table[-1] == ["**Overall (H)**", "75.00 ± 35.36"]
 
 
+def test_a_metric_of_concept_free_prompts_gets_no_empty_concept_table() -> None:
+    rows = [
+        record("m", 0, "t", "accuracy", 0.0, "a", "forget"),
+        record("m", 0, "r", "accuracy", 100.0, "b", "retain"),
+        record("m", 0, "c1", "clip_score", 27.0, "", "quality"),
+        record("m", 0, "c2", "clip_score", 26.0, "", "quality"),
+    ]
+    tables = concept_tables(pd.DataFrame(rows, columns=RECORD_COLUMNS), ["m"], {1: 1})
+    assert [title for title, _, _ in tables] == [
+        "n_concepts=1 · detector/accuracy (mean ± std over seeds)"
+    ]
+
+
 def test_relocated_report_links_its_figures_from_the_new_place(tmp_path) -> None:
     from fia_bench.report import FIGURES, relocated
 
