@@ -66,7 +66,7 @@ results-mini: $(STAMP)
 	$(MINI_SWEEP) hydra.sweep.dir=$(RESULTS_MINI)/papers/$(subst $(comma),_,$(METHODS)) $(ARGS)
 	$(MINI_SWEEP) preset=mini \
 		hydra.sweep.dir=$(RESULTS_MINI)/mini/$(subst $(comma),_,$(METHODS)) $(ARGS)
-	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/*/*/ --out docs/results_mini \
+	$(PY) -m fia_bench.report $(RESULTS_MINI)/*/*/*/ --out docs/results_mini --gzip-records \
 		--markdown docs/results_mini.md
 
 # UCE on the mini world's hazard task with every explicit-content evaluator and the three

@@ -33,7 +33,7 @@ from fia_bench.records import (
     registered_name,
     rule_labels,
 )
-from fia_bench.report import markdown_table
+from fia_bench.report import markdown_table, records_path
 from fia_bench.resources import shipped
 
 PAPER_TABLES = shipped("experiments/paper_tables")
@@ -68,7 +68,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             m.parent
             for p in paths
             for m in [p / "manifest.json", *p.rglob("*/manifest.json")]
-            if m.is_file() and (m.parent / "records.csv").is_file()
+            if m.is_file() and records_path(m.parent).is_file()
         }
     )
     if not dirs:
@@ -76,7 +76,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for d in dirs:
         records = pd.read_csv(
-            d / "records.csv",
+            records_path(d),
             keep_default_na=False,
             na_values=[""],
             dtype={"prompt_id": str, "image_key": str, "concept": str},

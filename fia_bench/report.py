@@ -8,6 +8,7 @@ byte-identical tables; timings live only in ``manifest.json``."""
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import importlib.metadata
 import json
@@ -587,6 +588,36 @@ FIGURES = {
 }
 
 
+# A run directory's per-prompt values; a published report may keep them gzipped (RECORDS_GZ),
+# because results-mini's reach tens of MB as plain CSV and are committed each time they grow.
+RECORDS, RECORDS_GZ = "records.csv", "records.csv.gz"
+
+
+def records_path(run_dir: Path) -> Path:
+    """Where a run directory or report keeps its records: gzipped if it was written so."""
+    packed = run_dir / RECORDS_GZ
+    return packed if packed.is_file() else run_dir / RECORDS
+
+
+def write_records(out_dir: Path, records: pd.DataFrame, gzipped: bool) -> None:
+    """``records.csv``, or ``records.csv.gz``, byte-identical for unchanged records; the other
+    form is removed, so a folder never holds both."""
+    if gzipped:
+
+        def write(tmp: Path) -> None:
+            # no file name or time in the gzip header: they would differ between writes
+            with (
+                open(tmp, "wb") as raw,
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed,
+            ):
+                packed.write(records.to_csv(index=False).encode("utf-8"))
+
+        atomic_write(out_dir / RECORDS_GZ, write)
+    else:
+        write_text(out_dir / RECORDS, records.to_csv(index=False))
+    (out_dir / (RECORDS if gzipped else RECORDS_GZ)).unlink(missing_ok=True)
+
+
 def write_report(
     out_dir: Path,
     records: pd.DataFrame,
@@ -597,6 +628,7 @@ def write_report(
     reference: str = "none",
     weights: list[str] | None = None,
     concepts: list[str] | None = None,
+    gzip_records: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``weights``: the fingerprints of the models the runs loaded, printed under the title so
     that a report tells which build of a model (the mini world is retrained) it measured.
@@ -608,7 +640,7 @@ def write_report(
     summary = stats.summarize(records)
     tests = stats.wilcoxon_tests(records, reference=reference, alpha=alpha)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "records.csv", measured.to_csv(index=False))
+    write_records(out_dir, measured, gzip_records)
     write_text(out_dir / "runs.csv", runs.to_csv(index=False))
     write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     write_text(out_dir / "tests.csv", tests.to_csv(index=False))
@@ -742,11 +774,11 @@ def load_runs(
     runs, on a machine that never had the old ones."""
     records, runs, caches, configs, builds = [], [], [], {}, []
     for d in dirs:
-        for name in ("records.csv", "runs.csv", "manifest.json"):
-            if not (d / name).is_file():
-                raise FiaBenchError(f"{d} is not a fia_bench run directory (no {name})")
+        for path in (records_path(d), d / "runs.csv", d / "manifest.json"):
+            if not path.is_file():
+                raise FiaBenchError(f"{d} is not a fia_bench run directory (no {path.name})")
         frame = read_run_table(
-            d / "records.csv",
+            records_path(d),
             RECORD_COLUMNS,
             na_values=[""],
             dtype={"prompt_id": str, "prompt": str, "image_key": str, "run_dir": str},
@@ -758,7 +790,7 @@ def load_runs(
         unknown = sorted(set(frame["run_dir"]) - set(merged_configs))
         if unknown:
             raise FiaBenchError(
-                f"{d / 'records.csv'}: rows of run {unknown[0]}, which its manifest does not list"
+                f"{records_path(d)}: rows of run {unknown[0]}, which its manifest does not list"
             )
         records.append(frame)
         runs.append(read_run_table(d / "runs.csv", RUN_COLUMNS, na_values=[]))
@@ -931,6 +963,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reference", default="none")
     parser.add_argument(
+        "--gzip-records",
+        action="store_true",
+        help="write records.csv.gz instead of records.csv (a report to commit; reads back alike)",
+    )
+    parser.add_argument(
         "--markdown",
         type=Path,
         default=None,
@@ -973,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
             args.reference,
             list(weights.values()),
             order,
+            args.gzip_records,
         )
         write_json(
             args.out / "manifest.json",

@@ -314,9 +314,15 @@ def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> 
         )
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([str(a), str(b), "--out", str(tmp_path / "at_once")]) == 0
-    assert main([str(a), "--out", str(tmp_path / "first")]) == 0
+    # the published report keeps its records gzipped, byte-identical when rewritten
+    first = tmp_path / "first"
+    assert main([str(a), "--gzip-records", "--out", str(first)]) == 0
+    packed = (first / "records.csv.gz").read_bytes()
+    assert not (first / "records.csv").exists()
+    assert main([str(a), "--gzip-records", "--out", str(first)]) == 0
+    assert (first / "records.csv.gz").read_bytes() == packed
     shutil.rmtree(a)  # the report alone travels
-    assert main([str(tmp_path / "first"), str(b), "--out", str(tmp_path / "grown")]) == 0
+    assert main([str(first), str(b), "--out", str(tmp_path / "grown")]) == 0
     for table in ("summary.csv", "tests.csv", "runs.csv", "records.csv"):
         at_once = (tmp_path / "at_once" / table).read_text(encoding="utf-8")
         assert (tmp_path / "grown" / table).read_text(encoding="utf-8") == at_once, table
