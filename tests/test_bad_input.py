@@ -5,7 +5,6 @@ calls, with the model loader replaced by a tripwire) and ``fia_bench.report``'s 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -183,13 +182,11 @@ def test_bad_command_line_fails_in_one_line_before_any_model_loads(
 ) -> None:
     write_inputs(tmp_path)
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
-    started = time.perf_counter()
-    with pytest.raises(FiaBenchError) as caught:
+    with pytest.raises(FiaBenchError) as caught:  # the tripwire raises ModelLoaded, not this
         preflight(overrides, tmp_path)
     text = str(caught.value)
     assert message.replace("{tmp}", str(tmp_path)) in text
     assert "\n" not in text
-    assert time.perf_counter() - started < 5
 
 
 def test_a_good_command_line_reaches_the_model_loader(
