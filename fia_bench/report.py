@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -878,7 +879,15 @@ def read_run_table(
     ``added``: columns newer than some runs, read as empty where a table lacks them."""
     try:
         frame = pd.read_csv(path, keep_default_na=False, **options)
-    except (UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    except (
+        UnicodeDecodeError,
+        ValueError,
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+        gzip.BadGzipFile,  # a damaged records.csv.gz
+        EOFError,  # a truncated one
+        zlib.error,
+    ) as err:
         raise FiaBenchError(f"{path}: not a readable CSV table ({str(err).strip()})") from err
     for column in added:
         if column not in frame.columns:

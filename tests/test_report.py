@@ -321,6 +321,15 @@ def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> 
     assert not (first / "records.csv").exists()
     assert main([str(a), "--gzip-records", "--out", str(first)]) == 0
     assert (first / "records.csv.gz").read_bytes() == packed
+    # a damaged or cut-off one is refused in one line naming the file
+    for damaged in (b"\x1f\x8bnot gzip", packed[: len(packed) // 2]):
+        broken = tmp_path / "broken"
+        shutil.copytree(first, broken, dirs_exist_ok=True)
+        (broken / "records.csv.gz").write_bytes(damaged)
+        assert main([str(broken), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert f"{broken / 'records.csv.gz'}: not a readable CSV table" in err
+        assert err.count("\n") == 1
     shutil.rmtree(a)  # the report alone travels
     assert main([str(first), str(b), "--out", str(tmp_path / "grown")]) == 0
     for table in ("summary.csv", "tests.csv", "runs.csv", "records.csv"):
