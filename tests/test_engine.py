@@ -78,7 +78,17 @@ def fail_above(engine: Engine, rows: int) -> list[int]:
     return failed
 
 
-def test_out_of_memory_halves_the_batch_keeps_it_and_changes_no_image() -> None:
+def rounding_apart(images: list[np.ndarray], reference: list[np.ndarray]) -> bool:
+    """Each image at most one grey level from the reference's image at its place: a CPU's GEMM
+    kernels may depend on the batch size (seen at one thread on an AMD EPYC), so a smaller batch
+    can move a pixel by float rounding."""
+    return all(
+        np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        for a, b in zip(images, reference, strict=False)
+    )
+
+
+def test_out_of_memory_halves_the_batch_keeps_it_and_changes_images_by_rounding_at_most() -> None:
     reference = arrays(options_engine(EngineOptions(batch_size=8)).generate(PROMPTS, SEEDS))
     engine = options_engine(EngineOptions(batch_size=8))
     failed = fail_above(engine, 3)
@@ -89,10 +99,10 @@ def test_out_of_memory_halves_the_batch_keeps_it_and_changes_no_image() -> None:
         "out of memory at 4 images per batch",
     ]
     assert failed == [8, 4] and engine.batch_size == 2
-    assert all(np.array_equal(a, b) for a, b in zip(images, reference, strict=True))
+    assert len(images) == len(reference) and rounding_apart(images, reference)
     again = arrays(engine.generate(PROMPTS[:5], SEEDS[:5]))  # remembered: no new failure
     assert failed == [8, 4]
-    assert all(np.array_equal(a, b) for a, b in zip(again, reference, strict=False))
+    assert len(again) == 5 and rounding_apart(again, reference)
 
 
 def test_out_of_memory_at_one_image_is_raised() -> None:
