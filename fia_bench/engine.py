@@ -11,7 +11,6 @@ scaled-dot-product kernel."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,61 +271,6 @@ class Engine:
             guided = batch.noise(step, noise.chunk(batch.branches), scale)
             latents = scheduler.step(guided, t, latents, **extra).prev_sample
         return latents
-
-    @torch.no_grad()
-    def probe(
-        self,
-        prompts: list[str],
-        seed: int,
-        modules: dict[str, torch.nn.Module],
-        reduce: Callable[[str, int, int, torch.Tensor], None],
-        *,
-        steps: int,
-        stop_after: int,
-        guidance_scale: float,
-        batch_size: int | None = None,
-    ) -> None:
-        """Denoise ``prompts`` from ``seed``'s latent for the first ``stop_after`` of ``steps``
-        steps and hand each input of ``modules`` to ``reduce(name, step, prompts_in_batch, x)``,
-        ``x`` covering the [uncond, cond] halves: methods that read activations (FIA,
-        ConceptPrune) reduce them there, so none is kept."""
-        unet = self.pipe.unet
-        state = {"step": -1, "batch": 0}
-
-        def count_step(_module: Any, _args: Any) -> None:
-            state["step"] += 1
-
-        def reader(name: str) -> Callable[..., None]:
-            def hook(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
-                if state["step"] >= stop_after:
-                    raise FiaBenchError(
-                        f"probe: hook fired at step {state['step']} past {stop_after}"
-                    )
-                reduce(name, state["step"], state["batch"], args[0])
-
-            return hook
-
-        handles = [unet.register_forward_pre_hook(count_step)]
-        handles += [m.register_forward_pre_hook(reader(n)) for n, m in modules.items()]
-        size = batch_size or self.sampler.batch_size
-        try:
-            for start in range(0, len(prompts), size):
-                batch = prompts[start : start + size]
-                state.update(step=-1, batch=len(batch))
-                self.sample_latents(
-                    batch,
-                    [seed] * len(batch),
-                    steps=steps,
-                    guidance_scale=guidance_scale,
-                    stop_after=stop_after,
-                )
-                if state["step"] != stop_after - 1:
-                    raise FiaBenchError(
-                        f"probe: saw {state['step'] + 1} denoising steps, expected {stop_after}"
-                    )
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

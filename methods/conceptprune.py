@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fia_bench.activations import read_layer_inputs
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.progress import progress
@@ -178,7 +179,8 @@ class ConceptPrune(Method):
             rows = F.normalize(x.double().reshape(-1, x.shape[-1]), dim=1)
             squares[name][step] += rows.square().sum(0)
 
-        engine.probe(
+        read_layer_inputs(
+            engine,
             prompts,
             seed,
             layers,

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fia_bench.activations import read_layer_inputs
 from fia_bench.api import EraseRequest, Method
 from fia_bench.errors import FiaBenchError, unknown_choice
 from fia_bench.progress import progress
@@ -464,7 +465,8 @@ class FIA(Method):
                 values = energy_saliency(x, layers[name].weight.float(), self.eps)
             sums[name].add(step, values)
 
-        engine.probe(
+        read_layer_inputs(
+            engine,
             prompts,
             seed,
             layers,
