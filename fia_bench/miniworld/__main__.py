@@ -1,5 +1,5 @@
-"""``python -m fia_bench.miniworld train|evaluate|sublayers|judges``: build the mini world,
-measure its card, or measure a build in progress."""
+"""``python -m fia_bench.miniworld train|evaluate|sublayers|judges|text-rows``: build the mini
+world, measure its card, or measure a build in progress."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     upstream.add_argument("--build", type=Path, default=Path(".mini_world_build"))
     upstream.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
+    rows = sub.add_parser(
+        "text-rows",
+        help="how alike the text encoder's word and padding rows are for the same and for other "
+        "objects (what UCE's edit reaches)",
+    )
+    rows.add_argument("--pipeline", type=Path, default=None, help="a diffusers pipeline folder")
     args = parser.parse_args(argv)
     if args.command == "train":
         finished = Builder(
@@ -93,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         from fia_bench.miniworld.card import build_upstream
 
         print(json.dumps(build_upstream(args.build, args.recipe), indent=1))
+    elif args.command == "text-rows":
+        from fia_bench.miniworld.text_rows import shipped_row_similarity
+
+        print(json.dumps(shipped_row_similarity(args.pipeline), indent=1))
     elif args.command == "sublayers":
         from fia_bench.miniworld.card import sublayers
 
