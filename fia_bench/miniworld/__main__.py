@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         "objects (what UCE's edit reaches)",
     )
     rows.add_argument("--pipeline", type=Path, default=None, help="a diffusers pipeline folder")
+    rows.add_argument(
+        "--clip", type=Path, default=None, help="an open_clip folder: measure its text tower"
+    )
     args = parser.parse_args(argv)
     if args.command == "train":
         finished = Builder(
@@ -100,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(json.dumps(build_upstream(args.build, args.recipe), indent=1))
     elif args.command == "text-rows":
-        from fia_bench.miniworld.text_rows import shipped_row_similarity
+        from fia_bench.miniworld.text_rows import measure as text_rows
 
-        print(json.dumps(shipped_row_similarity(args.pipeline), indent=1))
+        print(json.dumps(text_rows(args.pipeline, args.clip), indent=1))
     elif args.command == "sublayers":
         from fia_bench.miniworld.card import sublayers
 

@@ -1,10 +1,13 @@
 """How much of an object the text encoder's rows carry, row by row. UCE's default rule edits the
 erased word's row and every padding row after it; where padding rows are nearly as alike between
 two objects as between "circle" and "a circle", that edit reaches every object, and the card's
-UCE collateral follows (docs/mini_world.md, "Where UCE's collateral comes from")."""
+UCE collateral follows (docs/mini_world.md, "Where UCE's collateral comes from"). A text tower
+trained apart (the mini world's CLIP judge's) is measured the same way, so a candidate encoder
+for a next build can be judged before any generator is trained on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +15,14 @@ import torch
 import torch.nn.functional as F
 
 TEMPLATE = "a {}"
+# texts -> (hidden states: texts × context × width, index of each text's last word-piece)
+Encode = Callable[[list[str]], tuple[torch.Tensor, list[int]]]
 
 
-@torch.no_grad()
-def row_similarity(
-    text_encoder: Any, tokenizer: Any, objects: list[str], template: str = TEMPLATE
-) -> dict[str, float]:
-    """Mean cosine between a bare object word's rows and the rows of ``template`` filled with
-    the same object ("same") or with each other object ("other"): the word's own row, and the
-    padding rows after it, aligned from the word on (position by position when every object is
-    one token, as the mini world's are)."""
+def pipeline_encode(text_encoder: Any, tokenizer: Any) -> Encode:
+    """A diffusers pipeline's text encoder, padded to its full context as the engine pads."""
 
+    @torch.no_grad()
     def encode(texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         ids = tokenizer(
             texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
@@ -30,6 +30,27 @@ def row_similarity(
         hidden = text_encoder(input_ids=ids.input_ids)[0].double()
         return hidden, (ids.attention_mask.sum(1) - 2).tolist()
 
+    return encode
+
+
+def open_clip_encode(model: Any, tokenizer: Any) -> Encode:
+    """An open_clip CLIP's text tower: its rows after the final layer norm, before pooling."""
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        ids = tokenizer(texts)
+        x = model.token_embedding(ids) + model.positional_embedding
+        hidden = model.ln_final(model.transformer(x, attn_mask=model.attn_mask)).double()
+        return hidden, (ids.argmax(dim=1) - 1).tolist()  # the end token has the largest id
+
+    return encode
+
+
+def row_similarity(encode: Encode, objects: list[str], template: str = TEMPLATE) -> dict[str, Any]:
+    """Mean cosine between a bare object word's rows and the rows of ``template`` filled with
+    the same object ("same") or with each other object ("other"): the word's own row, and the
+    padding rows after it, aligned from the word on (position by position when every object is
+    one token, as the mini world's are)."""
     bare, bare_word = encode(objects)
     filled, filled_word = encode([template.format(o) for o in objects])
     length = bare.shape[1] - 1 - max(bare_word + filled_word)
@@ -52,15 +73,21 @@ def row_similarity(
     }
 
 
-def shipped_row_similarity(pipeline: Path | None = None) -> dict[str, float]:
-    """``row_similarity`` of a pipeline folder's text encoder (default: the shipped mini world's)
-    over the objects task."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def measure(pipeline: Path | None = None, clip: Path | None = None) -> dict[str, Any]:
+    """``row_similarity`` over the objects task of a pipeline folder's text encoder (default:
+    the shipped mini world's), or of an open_clip folder's text tower."""
     from fia_bench.miniworld.train import weights_dir
     from fia_bench.tasks import load_task
+
+    objects = list(load_task("objects", "mini").concepts)
+    if clip is not None:
+        from fia_bench.backbones import load_clip
+
+        judge = load_clip({"arch": f"local-dir:{clip}"}, "cpu")
+        return row_similarity(open_clip_encode(judge.model, judge.tokenizer), objects)
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = pipeline or weights_dir() / "pipeline"
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    return row_similarity(text_encoder, tokenizer, list(load_task("objects", "mini").concepts))
+    return row_similarity(pipeline_encode(text_encoder, tokenizer), objects)
