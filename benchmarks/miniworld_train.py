@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import TRAINED, Builder, cycles_of, recipe, weights_dir
+from fia_bench.miniworld.train import Builder, cycles_of, recipe, trained_stages, weights_dir
 from fia_bench.report import markdown_table
 
 BUDGET_MINUTES = 20.0  # issue 4: the whole world on one H100
@@ -30,7 +30,7 @@ def shortened(full: dict[str, Any], steps: int) -> dict[str, Any]:
     """The recipe with every trained stage cut to ``steps`` steps (one cycle); nothing else
     changes, so a step costs what it costs in the real build."""
     short = copy.deepcopy(full)
-    for stage in TRAINED:
+    for stage in trained_stages(full):
         short[stage]["steps"] = steps
     return short
 
@@ -40,7 +40,7 @@ def run_build(build: Path, r: dict[str, Any], device: str) -> Builder:
     path = build.parent / f"{build.name}.yaml"
     path.write_text(yaml.safe_dump(r), encoding="utf-8")
     builder = Builder(build, out=build / "exported", recipe_path=path, device=device)
-    if not builder.run(["data", *TRAINED, "export"]):
+    if not builder.run(["data", *trained_stages(r), "export"]):
         raise FiaBenchError(f"the timing build {build} stopped before its end")
     return builder
 
@@ -56,7 +56,7 @@ def time_recipe(
         builder = run_build(build, shortened(full, 2 * steps), device)
         seconds = json.loads((build / "times.json").read_text(encoding="utf-8"))
     stages = []
-    for stage in TRAINED:
+    for stage in trained_stages(full):
         clock = builder.step_clock[stage]
         halfway, end = clock[steps - 1], clock[2 * steps - 1]
         per_step = (end - halfway) / steps

@@ -23,11 +23,14 @@ from fia_bench.miniworld.train import (
     TRAINED,
     Builder,
     Loop,
+    build_text_encoder,
     build_unet,
     load_tensors,
     lr_scale,
+    nest,
     recipe,
     render_set,
+    trained_stages,
     training_pool,
 )
 from fia_bench.models import load_model
@@ -233,6 +236,45 @@ def test_a_build_carried_with_its_small_files_alone_resumes_identically(
             assert torch.equal(tensor, again[0][key]), (name, key)
     original, rebuilt = (dict(np.load(b / "data.npz")) for b in (root / "build", carried))
     assert all(np.array_equal(original[k], rebuilt[k]) for k in original)
+
+
+def test_a_text_encoder_trained_apart_stays_frozen_through_the_generator_and_export(
+    toy_world: tuple[Path, Path, Path],
+) -> None:
+    """A recipe with a ``text`` section trains the generator's text encoder first, against the
+    CLIP judge's image tower, and the generator stage then trains the UNet alone."""
+    root, path, _ = toy_world
+    r = recipe(path)
+    r["text"] = {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "zero_shot_weight": 1.0}
+    assert trained_stages(r) == ["vae", "classifier", "clip", "text", "generator"]
+    frozen_recipe = root / "frozen.yaml"
+    frozen_recipe.write_text(yaml.safe_dump(r), encoding="utf-8")
+    build = root / "frozen"
+    build.mkdir()
+    for name in ("data.npz", "vae.safetensors", "latents.safetensors", "recon.npz", "export"):
+        (build / name).symlink_to((root / "build" / name).resolve())
+    (build / "done.json").write_text('["data", "vae", "classifier", "clip"]')
+    builder = Builder(build, out=root / "frozen_weights", recipe_path=frozen_recipe)
+    assert builder.run(["text", "generator", "export"])
+
+    encoder = nest(load_tensors(build / "text.safetensors")[0], "final")["text_encoder"]
+    generator = nest(load_tensors(build / "generator.safetensors")[0], "final")
+    assert encoder.keys() == generator["text_encoder"].keys()
+    assert all(torch.equal(v, generator["text_encoder"][k]) for k, v in encoder.items())
+    torch.manual_seed(r["seed"] * 1000 + 4)  # the text stage's initial weights
+    tokenizer = builder.current_pipeline().tokenizer
+    initial = build_text_encoder(r, tokenizer).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in encoder.items())  # it trained
+    state = load_tensors(build / "generator.state.safetensors")[0]
+    assert set(nest(state, "modules")) == {"unet"}
+    exported = load_model_weights(root / "frozen_weights" / "pipeline" / "text_encoder")
+    assert all(torch.equal(v.half(), exported[k]) for k, v in encoder.items())
+
+
+def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
 
 
 def test_the_render_set_is_the_same_for_any_number_of_workers() -> None:

@@ -1,4 +1,4 @@
-"""Train the mini world from scratch: data → VAE → judges → text encoder + UNet → export.
+"""Train the mini world from scratch: data → VAE → judges → (text encoder) → UNet → export.
 
 Every stage keeps its state in the build directory and resumes from it, so training runs in
 chunks (``--max-minutes``); batches and noise of step k come from a CPU generator seeded by
@@ -39,8 +39,11 @@ from fia_bench.datasets.procedural import (
 from fia_bench.miniworld.judges import MiniClassifier, attribute_classes, save_classifier
 from fia_bench.models import SD_SCHEDULER, assemble_pipeline, word_tokenizer
 
-STAGES = ("data", "vae", "classifier", "clip", "generator", "export")
-TRAINED = ("vae", "classifier", "clip", "generator")
+STAGES = ("data", "vae", "classifier", "clip", "text", "generator", "export")
+TRAINED = ("vae", "classifier", "clip", "generator")  # what every recipe trains
+# a stage's initial weights are seeded by its place here; the text stage, which only recipes
+# with a ``text`` section train, came last, so that the others kept their weights
+SEEDED = (*TRAINED, "text")
 RECONSTRUCTIONS = 10240  # training images the judges also see through the VAE
 NAMED = ("subject", "style")  # attributes the tasks ask the CLIP judge to name zero-shot
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -51,6 +54,11 @@ def recipe(path: Path | None = None) -> dict[str, Any]:
     """The shipped training recipe, or another one (tests train a toy world in seconds)."""
     source = path or Path(str(files("fia_bench.miniworld") / "recipe.yaml"))
     return yaml.safe_load(source.read_text("utf-8"))
+
+
+def trained_stages(r: dict[str, Any]) -> list[str]:
+    """The stages recipe ``r`` trains, in order."""
+    return [s for s in STAGES if s in TRAINED or (s == "text" and r.get("text") is not None)]
 
 
 def weights_dir() -> Path:
@@ -612,39 +620,21 @@ class Builder:
         std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
         w = world(self.world)
         templates = [*w["captions"], *w["judge_captions"]]
-        # the zero-shot prompts of the tasks the CLIP judges: one per subject and per style
         classes = self.classes
-        named = {k: tokenizer([f"a photo of a {c}" for c in classes[k]]) for k in NAMED}
-        named = {k: ids.to(self.device) for k, ids in named.items()}
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
             x = (augment(pixels, recon, idx, a, g).to(self.device) + 1) / 2
             captions, stated = captions_for(self.data, idx.numpy(), templates, g, classes)
-            image = model.encode_image((x - mean) / std, normalize=True)
-            text = model.encode_text(tokenizer(captions).to(self.device), normalize=True)
-            logits = model.logit_scale.exp() * image @ text.T
-            # caption j describes image i when every attribute it states matches image i
-            match = torch.ones(len(idx), len(idx), dtype=torch.bool)
-            for k in classes:
-                values = torch.from_numpy(self.data[k][idx.numpy()])
-                stated_k = torch.tensor([s.get(k, -1) for s in stated])
-                match &= (stated_k.view(1, -1) == -1) | (stated_k.view(1, -1) == values.view(-1, 1))
-            target = match.float().to(self.device)
-            loss_i = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-            loss_t = (
-                -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+            return self.caption_loss(
+                model.encode_image((x - mean) / std, normalize=True),
+                lambda texts: model.encode_text(tokenizer(texts).to(self.device), normalize=True),
+                model.logit_scale.exp(),
+                idx.numpy(),
+                captions,
+                stated,
+                cfg["zero_shot_weight"],
             )
-            # each image against every class prompt of a task (CLIP's zero-shot read-out):
-            # captions name the shape in few pairs of a batch, so shapes alone learn slowly
-            zero_shot = sum(
-                F.cross_entropy(
-                    model.logit_scale.exp() * image @ model.encode_text(ids, normalize=True).T,
-                    torch.from_numpy(self.data[k][idx.numpy()]).to(self.device),
-                )
-                for k, ids in named.items()
-            )
-            return (loss_i + loss_t) / 2 + cfg["zero_shot_weight"] * zero_shot
 
         if not loop.run(self.seed, loss_fn, self.limits):
             return False
@@ -661,12 +651,125 @@ class Builder:
         save_file(state, out / "open_clip_model.safetensors")
         return True
 
+    def caption_loss(
+        self,
+        image: torch.Tensor,
+        encode_text: Callable[[list[str]], torch.Tensor],
+        scale: torch.Tensor,
+        idx: np.ndarray,
+        captions: list[str],
+        stated: list[dict[str, int]],
+        zero_shot_weight: float,
+    ) -> torch.Tensor:
+        """The CLIP judge's objective, for any text tower (``encode_text``: texts to unit
+        features) against unit image features: each caption against each image of the batch,
+        where caption j describes image i when every attribute it states matches image i, plus
+        each image against every class prompt of a task (CLIP's zero-shot read-out: captions
+        name the shape in few pairs of a batch, so shapes alone learn slowly)."""
+        logits = scale * image @ encode_text(captions).T
+        match = torch.ones(len(idx), len(idx), dtype=torch.bool)
+        for k in self.classes:
+            values = torch.from_numpy(self.data[k][idx])
+            stated_k = torch.tensor([s.get(k, -1) for s in stated])
+            match &= (stated_k.view(1, -1) == -1) | (stated_k.view(1, -1) == values.view(-1, 1))
+        target = match.float().to(self.device)
+        loss_i = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        loss_t = -(target.T / target.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+        zero_shot = sum(
+            F.cross_entropy(
+                scale * image @ encode_text([f"a photo of a {c}" for c in self.classes[k]]).T,
+                torch.from_numpy(self.data[k][idx]).to(self.device),
+            )
+            for k in NAMED
+        )
+        return (loss_i + loss_t) / 2 + zero_shot_weight * zero_shot
+
+    def stage_text(self) -> bool:
+        """The generator's text encoder trained apart and then frozen, as SD's CLIP text encoder
+        is (a recipe with a ``text`` section): the world's tokenizer, trained with the judge's
+        objective against the CLIP judge's image tower, which stays fixed (locked-image
+        tuning). Trained jointly with the UNet, as the first two builds' were, an encoder lets
+        the UNet read every object from padding rows that hardly differ between objects, and
+        UCE's edit of one object then reaches all (docs/mini_world.md). Without the section
+        the encoder trains in the generator stage and this stage does nothing."""
+        cfg = self.r.get("text")
+        if cfg is None:
+            return True
+        judge = self.clip_judge()
+        tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
+        text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
+        width = self.r["text_encoder"]["hidden_size"]
+        projection = nn.Linear(width, self.r["clip"]["embed_dim"], bias=False).to(self.device)
+        loop = self.loop("text", {"text_encoder": text_encoder, "projection": projection})
+        pixels = as_unit(self.data["images"])
+        recon = self.reconstructions()
+        mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
+        w = world(self.world)
+        templates = [*w["captions"], *w["judge_captions"]]
+
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            return F.normalize(projection(text_encoder(ids).pooler_output), dim=-1)
+
+        def loss_fn(g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
+            x = (augment(pixels, recon, idx, self.r["augment"], g).to(self.device) + 1) / 2
+            captions, stated = captions_for(self.data, idx.numpy(), templates, g, self.classes)
+            with torch.no_grad():
+                image = judge.encode_image((x - mean) / std, normalize=True)
+            return self.caption_loss(
+                image,
+                encode_text,
+                judge.logit_scale.exp().detach(),
+                idx.numpy(),
+                captions,
+                stated,
+                cfg["zero_shot_weight"],
+            )
+
+        if not loop.run(self.seed, loss_fn, self.limits):
+            return False
+        final = {"text_encoder": loop.final_state("text_encoder")}
+        save_tensors(self.build / "text.safetensors", flat(final, "final"))
+        return True
+
+    def clip_judge(self) -> nn.Module:
+        """The CLIP judge as the clip stage exported it, frozen."""
+        import open_clip
+
+        model = open_clip.CLIP(**clip_model_cfg(self.r))
+        state = load_tensors(self.build / "export" / "clip" / "open_clip_model.safetensors")[0]
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def frozen_text_encoder(self, tokenizer: Any) -> nn.Module | None:
+        """The text stage's encoder, frozen; None when the recipe trains it with the UNet."""
+        if self.r.get("text") is None:
+            return None
+        text_encoder = build_text_encoder(self.r, tokenizer)
+        text_encoder.load_state_dict(
+            nest(load_tensors(self.build / "text.safetensors")[0], "final")["text_encoder"]
+        )
+        return text_encoder.to(self.device).eval().requires_grad_(False)
+
     def stage_generator(self) -> bool:
         cfg = self.r["generator"]
         tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
-        text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
+        frozen = self.frozen_text_encoder(tokenizer)
         unet = build_unet(self.r).to(self.device)
-        loop = self.loop("generator", {"unet": unet, "text_encoder": text_encoder})
+        if frozen is None:
+            text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
+            trained = {"unet": unet, "text_encoder": text_encoder}
+        else:
+            text_encoder, trained = frozen, {"unet": unet}
+        loop = self.loop("generator", trained)
         latents = self.latents()
         alphas = (
             torch.linspace(SD_SCHEDULER["beta_start"] ** 0.5, SD_SCHEDULER["beta_end"] ** 0.5, 1000)
@@ -710,7 +813,8 @@ class Builder:
         )
         if not done:
             return False
-        final = {name: loop.final_state(name) for name in ("unet", "text_encoder")}
+        final = {"text_encoder": text_encoder.state_dict()}  # frozen: as the text stage left it
+        final |= {name: loop.final_state(name) for name in trained}
         save_tensors(self.build / "generator.safetensors", flat(final, "final"))
         return True
 
@@ -755,11 +859,14 @@ class Builder:
         tokenizer = word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
         vae = build_vae(self.r, scaling_factor=self.scaling_factor())
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
-        unet, text_encoder = build_unet(self.r), build_text_encoder(self.r, tokenizer)
+        unet = build_unet(self.r)
         tensors, meta = load_tensors(self.build / "generator.state.safetensors")
         state = nest(tensors, "ema") or nest(tensors, "modules")
         unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
+        text_encoder = self.frozen_text_encoder(tokenizer)
+        if text_encoder is None:
+            text_encoder = build_text_encoder(self.r, tokenizer)
+            text_encoder.load_state_dict(state["text_encoder"])
         print(f"[mini-world] generator at step {meta['step']}")
         return assemble_pipeline(vae, text_encoder, tokenizer, unet).to(torch.float32)
 
@@ -771,8 +878,8 @@ class Builder:
                 continue
             self._stage, self._since = stage, time.monotonic()
             self._stage_start, self.step_clock[stage] = self._since, []
-            if stage in TRAINED:  # initial weights must not depend on which stages ran before
-                torch.manual_seed(self.seed * 1000 + TRAINED.index(stage))
+            if stage in SEEDED:  # initial weights must not depend on which stages ran before
+                torch.manual_seed(self.seed * 1000 + SEEDED.index(stage))
             finished = getattr(self, f"stage_{stage}")()
             self.clock()
             self.note_pace(stage)
