@@ -17,7 +17,7 @@ from tiny import tiny_engine, toy_recipe
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld import probe
+from fia_bench.miniworld import probe, text_rows
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
 from fia_bench.miniworld.train import (
     TRAINED,
@@ -269,6 +269,12 @@ def test_a_text_encoder_trained_apart_stays_frozen_through_the_generator_and_exp
     assert set(nest(state, "modules")) == {"unet"}
     exported = load_model_weights(root / "frozen_weights" / "pipeline" / "text_encoder")
     assert all(torch.equal(v.half(), exported[k]) for k, v in encoder.items())
+    # the encoder is measured as the text stage left it, as its export reads (fp16 apart)
+    rows = text_rows.measure(build=build, recipe_path=frozen_recipe)
+    shipped = text_rows.measure(pipeline=root / "frozen_weights" / "pipeline")
+    assert rows == pytest.approx(shipped, abs=2e-3)
+    with pytest.raises(FiaBenchError, match="no text section"):
+        text_rows.measure(build=build, recipe_path=path)
 
 
 def load_model_weights(folder: Path) -> dict[str, torch.Tensor]:

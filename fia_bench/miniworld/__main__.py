@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     rows.add_argument(
         "--clip", type=Path, default=None, help="an open_clip folder: measure its text tower"
     )
+    rows.add_argument(
+        "--build", type=Path, default=None, help="a build whose text stage has finished"
+    )
+    rows.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
     args = parser.parse_args(argv)
     if args.command == "train":
         finished = Builder(
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "text-rows":
         from fia_bench.miniworld.text_rows import measure as text_rows
 
-        print(json.dumps(text_rows(args.pipeline, args.clip), indent=1))
+        print(json.dumps(text_rows(args.pipeline, args.clip, args.build, args.recipe), indent=1))
     elif args.command == "sublayers":
         from fia_bench.miniworld.card import sublayers
 

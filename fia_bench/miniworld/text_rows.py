@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fia_bench.errors import FiaBenchError
+
 TEMPLATE = "a {}"
 # texts -> (hidden states: texts × context × width, index of each text's last word-piece)
 Encode = Callable[[list[str]], tuple[torch.Tensor, list[int]]]
@@ -73,13 +75,32 @@ def row_similarity(encode: Encode, objects: list[str], template: str = TEMPLATE)
     }
 
 
-def measure(pipeline: Path | None = None, clip: Path | None = None) -> dict[str, Any]:
+def measure(
+    pipeline: Path | None = None,
+    clip: Path | None = None,
+    build: Path | None = None,
+    recipe_path: Path | None = None,
+) -> dict[str, Any]:
     """``row_similarity`` over the objects task of a pipeline folder's text encoder (default:
-    the shipped mini world's), or of an open_clip folder's text tower."""
-    from fia_bench.miniworld.train import weights_dir
+    the shipped mini world's), of an open_clip folder's text tower, or of the encoder a build's
+    text stage trained (before any generator is trained on it)."""
+    from fia_bench.miniworld.train import Builder, vocabulary, weights_dir
+    from fia_bench.models import word_tokenizer
     from fia_bench.tasks import load_task
 
     objects = list(load_task("objects", "mini").concepts)
+    if build is not None:
+        if not (build / "text.safetensors").is_file():
+            raise FiaBenchError(f"{build}: no finished text stage (text.safetensors)")
+        builder = Builder(build, recipe_path=recipe_path)
+        tokenizer = word_tokenizer(vocabulary(builder.world), builder.r["tokenizer_max_length"])
+        text_encoder = builder.frozen_text_encoder(tokenizer)
+        if text_encoder is None:
+            raise FiaBenchError(
+                f"{recipe_path or 'the recipe'} has no text section: the build's text encoder "
+                "trains with its UNet; measure its export with --pipeline"
+            )
+        return row_similarity(pipeline_encode(text_encoder, tokenizer), objects)
     if clip is not None:
         from fia_bench.backbones import load_clip
 
