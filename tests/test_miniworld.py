@@ -362,7 +362,8 @@ def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
     root, path, _ = toy_world
     variants = root / "variants.yaml"
     fitted = {"unet": {"transformer_layers_per_block": 1}, "generator": {"steps": "fit"}}
-    variants.write_text(yaml.safe_dump({"same": {}, "fitted": fitted}))
+    frozen = {"text": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "zero_shot_weight": 1.0}}
+    variants.write_text(yaml.safe_dump({"same": {}, "fitted": fitted, "frozen": frozen}))
     paces: list[float] = []
     monkeypatch.setattr(probe, "fitted_steps", lambda pace, minutes: paces.append(pace) or 2)
     out = root / "probe" / "results"
@@ -372,7 +373,8 @@ def test_probe_trains_variants_on_the_shared_upstream_and_measures_each(
     threads = ["--threads", "1"]
     probe.main([*inputs, *places, *threads, "--objects", "2", "--minutes", "5"])
     rows = {row["variant"]: row for row in json.loads((out / "probe.json").read_text())}
-    assert set(rows) == {"same", "fitted"}
+    assert set(rows) == {"same", "fitted", "frozen"}
+    assert (root / "probe" / "frozen" / "text.safetensors").is_file()  # its own text stage
     assert len(paces) == 1 and paces[0] > 0 and not (root / "probe" / "timing").exists()
     assert recipe(root / "probe" / "fitted.yaml")["generator"]["steps"] == [2]
     for name, row in rows.items():
