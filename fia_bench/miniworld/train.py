@@ -610,27 +610,19 @@ class Builder:
     def stage_clip(self) -> bool:
         import open_clip
 
-        cfg, a = self.r["clip"], self.r["augment"]
+        cfg = self.r["clip"]
         model = open_clip.CLIP(**clip_model_cfg(self.r)).to(self.device)
         tokenizer = open_clip.SimpleTokenizer(context_length=self.r["tokenizer_max_length"])
         loop = self.loop("clip", {"clip": model})
-        pixels = as_unit(self.data["images"])
-        recon = self.reconstructions()
-        mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
-        w = world(self.world)
-        templates = [*w["captions"], *w["judge_captions"]]
-        classes = self.classes
+        draw = self.caption_batches(cfg["batch_size"])
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
-            x = (augment(pixels, recon, idx, a, g).to(self.device) + 1) / 2
-            captions, stated = captions_for(self.data, idx.numpy(), templates, g, classes)
+            idx, x, captions, stated = draw(g)
             return self.caption_loss(
-                model.encode_image((x - mean) / std, normalize=True),
+                model.encode_image(x, normalize=True),
                 lambda texts: model.encode_text(tokenizer(texts).to(self.device), normalize=True),
                 model.logit_scale.exp(),
-                idx.numpy(),
+                idx,
                 captions,
                 stated,
                 cfg["zero_shot_weight"],
@@ -650,6 +642,30 @@ class Builder:
         state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
         save_file(state, out / "open_clip_model.safetensors")
         return True
+
+    def caption_batches(
+        self, batch_size: int
+    ) -> Callable[
+        [torch.Generator], tuple[np.ndarray, torch.Tensor, list[str], list[dict[str, int]]]
+    ]:
+        """What the caption-trained stages (clip, text) draw at each step: render indices, the
+        augmented images normalised as CLIP's input, captions, and what each caption states."""
+        pixels = as_unit(self.data["images"])
+        recon = self.reconstructions()
+        mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
+        w = world(self.world)
+        templates = [*w["captions"], *w["judge_captions"]]
+
+        def draw(
+            g: torch.Generator,
+        ) -> tuple[np.ndarray, torch.Tensor, list[str], list[dict[str, int]]]:
+            idx = torch.randint(len(pixels), (batch_size,), generator=g)
+            x = (augment(pixels, recon, idx, self.r["augment"], g).to(self.device) + 1) / 2
+            captions, stated = captions_for(self.data, idx.numpy(), templates, g, self.classes)
+            return idx.numpy(), (x - mean) / std, captions, stated
+
+        return draw
 
     def caption_loss(
         self,
@@ -701,12 +717,7 @@ class Builder:
         width = self.r["text_encoder"]["hidden_size"]
         projection = nn.Linear(width, self.r["clip"]["embed_dim"], bias=False).to(self.device)
         loop = self.loop("text", {"text_encoder": text_encoder, "projection": projection})
-        pixels = as_unit(self.data["images"])
-        recon = self.reconstructions()
-        mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
-        w = world(self.world)
-        templates = [*w["captions"], *w["judge_captions"]]
+        draw = self.caption_batches(cfg["batch_size"])
 
         def encode_text(texts: list[str]) -> torch.Tensor:
             ids = tokenizer(
@@ -719,16 +730,14 @@ class Builder:
             return F.normalize(projection(text_encoder(ids).pooler_output), dim=-1)
 
         def loss_fn(g: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(len(pixels), (cfg["batch_size"],), generator=g)
-            x = (augment(pixels, recon, idx, self.r["augment"], g).to(self.device) + 1) / 2
-            captions, stated = captions_for(self.data, idx.numpy(), templates, g, self.classes)
+            idx, x, captions, stated = draw(g)
             with torch.no_grad():
-                image = judge.encode_image((x - mean) / std, normalize=True)
+                image = judge.encode_image(x, normalize=True)
             return self.caption_loss(
                 image,
                 encode_text,
                 judge.logit_scale.exp().detach(),
-                idx.numpy(),
+                idx,
                 captions,
                 stated,
                 cfg["zero_shot_weight"],
