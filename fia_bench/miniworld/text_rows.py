@@ -84,8 +84,7 @@ def measure(
     """``row_similarity`` over the objects task of a pipeline folder's text encoder (default:
     the shipped mini world's), of an open_clip folder's text tower, or of the encoder a build's
     text stage trained (before any generator is trained on it)."""
-    from fia_bench.miniworld.train import Builder, vocabulary, weights_dir
-    from fia_bench.models import word_tokenizer
+    from fia_bench.miniworld.train import Builder, weights_dir
     from fia_bench.tasks import load_task
 
     objects = list(load_task("objects", "mini").concepts)
@@ -93,8 +92,8 @@ def measure(
         if not (build / "text.safetensors").is_file():
             raise FiaBenchError(f"{build}: no finished text stage (text.safetensors)")
         builder = Builder(build, recipe_path=recipe_path)
-        tokenizer = word_tokenizer(vocabulary(builder.world), builder.r["tokenizer_max_length"])
-        text_encoder = builder.frozen_text_encoder(tokenizer)
+        tokenizer = builder.tokenizer()
+        text_encoder = builder.frozen_text_encoder()
         if text_encoder is None:
             raise FiaBenchError(
                 f"{recipe_path or 'the recipe'} has no text section: the build's text encoder "
