@@ -182,6 +182,30 @@ def test_training_resumed_in_chunks_equals_uninterrupted(
         assert torch.equal(tensor, parts[name]), name
 
 
+def test_the_weight_average_is_the_warmed_up_exponential_average(tmp_path: Path) -> None:
+    """The EMA, one foreach update a step, equals the per-tensor textbook recurrence with its
+    warm-up decay min(d, (1 + t) / (10 + t)), bit for bit."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GroupNorm(1, 3))
+    loop = Loop(tmp_path, "generator", {"m": module}, lr=0.1, steps=8)
+    expected: dict[str, torch.Tensor] = {}
+    for step in range(8):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        loop.step = step
+        loop.update_ema(0.9)
+        warm = min(0.9, (1 + step) / (10 + step))
+        for name, t in module.state_dict().items():
+            if name not in expected:
+                expected[name] = t.clone()
+            else:
+                expected[name] = expected[name].mul(warm).add(t, alpha=1 - warm)
+    assert loop.ema is not None
+    assert all(torch.equal(loop.ema["m"][n], expected[n]) for n in expected)
+    assert all(loop.ema["m"][n].data_ptr() != t.data_ptr() for n, t in module.state_dict().items())
+
+
 def test_a_training_killed_after_a_checkpoint_resumes_as_if_uninterrupted(tmp_path: Path) -> None:
     """A checkpoint written during a run (every ``save_every_s``) is what a killed run leaves;
     its optimiser holds the schedule's scaled rate, and the resumed run must not take that for
