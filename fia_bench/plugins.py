@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 from fia_bench.errors import FiaBenchError
+from fia_bench.registry import declared_entry_points
 from fia_bench.resources import config_dir
 
 CONFIG_ENTRY_POINTS = "fia_bench.configs"
@@ -119,7 +120,7 @@ def entry_point_origin(ep: EntryPoint) -> str:
 def package_config_sources() -> list[ConfigSource]:
     """The ``conf/`` folder of every package with a ``fia_bench.configs`` entry point."""
     sources = []
-    for ep in sorted(entry_points(group=CONFIG_ENTRY_POINTS), key=lambda e: e.name):
+    for ep in sorted(declared_entry_points(CONFIG_ENTRY_POINTS), key=lambda e: e.name):
         where = f"entry point {CONFIG_ENTRY_POINTS} '{ep.name} = {ep.value}'"
         folder = package_folder(ep.module, where) / "conf"
         if not folder.is_dir():
@@ -269,7 +270,7 @@ def plugin_rows(sources: list[ConfigSource]) -> tuple[list[tuple[str, ...]], lis
     rows, problems = [], []
     for kind in KINDS:
         registry = registries[kind.entry_points]
-        dists = {ep.name: entry_point_origin(ep) for ep in entry_points(group=kind.entry_points)}
+        dists = {ep.name: entry_point_origin(ep) for ep in declared_entry_points(kind.entry_points)}
         files = config_files(sources, kind)
         for name in registry.names():
             module = registry.source(name).partition(":")[0]

@@ -12,12 +12,39 @@ ours are listed in
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+import tomllib
+from functools import cache
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from fia_bench.errors import FiaBenchError, unknown_choice
 
 T = TypeVar("T")
+
+
+def declared_entry_points(group: str) -> list[EntryPoint]:
+    """The installed entry points of ``group``. A checkout run without being installed (on a
+    ``PYTHONPATH``, as on a cluster node or a lent GPU machine) has no metadata of its own, so
+    our entry points are then read from its ``pyproject.toml``, the one list that declares them:
+    the built-in plugins never vanish."""
+    found = list(entry_points(group=group))
+    try:
+        distribution("fia_bench")
+    except PackageNotFoundError:
+        ours = checkout_entry_points().get(group, {})
+        found += [EntryPoint(name, value, group) for name, value in ours.items()]
+    return found
+
+
+@cache
+def checkout_entry_points() -> dict[str, dict[str, str]]:
+    """``[project.entry-points]`` of the ``pyproject.toml`` beside this package, if any."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    with pyproject.open("rb") as handle:
+        return tomllib.load(handle).get("project", {}).get("entry-points", {})
 
 
 class Registry(Generic[T]):
@@ -63,7 +90,7 @@ class Registry(Generic[T]):
         if self._entry_points_read:
             return
         self._entry_points_read = True
-        for ep in entry_points(group=self.entry_point_group):
+        for ep in declared_entry_points(self.entry_point_group):
             self._entry_specs[ep.name] = ep.value
             self._specs.setdefault(ep.name, ep.value)
 

@@ -13,7 +13,14 @@ import yaml
 
 from fia_bench.api import Method
 from fia_bench.errors import FiaBenchError
-from fia_bench.registry import ATTACKS, DATASETS, EVALUATORS, METHODS, Registry
+from fia_bench.registry import (
+    ATTACKS,
+    DATASETS,
+    EVALUATORS,
+    METHODS,
+    Registry,
+    checkout_entry_points,
+)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -83,6 +90,34 @@ def test_importing_the_core_imports_no_heavy_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("registry", [METHODS, EVALUATORS, ATTACKS, DATASETS], ids=lambda r: r.kind)
+def test_a_checkout_declares_the_same_plugins_as_the_installed_package(registry) -> None:
+    """Run from a checkout that is not installed, the registry reads pyproject.toml; that list
+    must be the one the installed metadata was made from."""
+    checkout = checkout_entry_points()[registry.entry_point_group]
+    installed = entry_points(group=registry.entry_point_group)
+    assert checkout == {ep.name: ep.value for ep in installed if ep.dist.name == "fia_bench"}
+
+
+def test_a_checkout_that_is_not_installed_still_finds_the_built_in_plugins(tmp_path: Path) -> None:
+    """A PYTHONPATH run on a machine where the package is not installed (a lent GPU box) once
+    answered "unknown method 'fia'; valid choices: (none)"."""
+    code = (
+        "import importlib.metadata as md\n"
+        "real = md.distribution\n"
+        "def hidden(name):\n"
+        "    if name == 'fia_bench': raise md.PackageNotFoundError(name)\n"
+        "    return real(name)\n"
+        "md.distribution = hidden\n"
+        "md.entry_points = lambda group: []\n"
+        "from fia_bench.registry import METHODS\n"
+        "print(METHODS.get('fia').__name__, len(METHODS.names()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    name, count = out.stdout.split()
+    assert name == "FIA" and int(count) == len(ours(METHODS))
 
 
 def test_every_attack_config_is_registered_and_vice_versa() -> None:
