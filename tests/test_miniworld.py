@@ -160,6 +160,35 @@ def test_sublayer_rows_of_a_build_in_progress(toy_world: tuple[Path, Path, Path]
     assert all(0 <= v <= 100 for k, v in out.items() if k.endswith(("_zeroed", "_random5")))
 
 
+def test_uce_check_of_a_build_in_progress_runs_on_its_current_generator(
+    toy_world: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m fia_bench.miniworld uce --build B`` hands the card's UCE check the build's
+    generator as it stands and the build's own judges, ahead of any override given."""
+    from diffusers import UNet2DConditionModel
+
+    from fia_bench.miniworld import card
+    from fia_bench.miniworld.train import Builder
+
+    root, path, _ = toy_world
+    seen: dict[str, object] = {}
+
+    def check(images_per_prompt: int, overrides: list[str]) -> dict[str, float]:
+        given = dict(o.split("=", 1) for o in overrides)
+        unet = UNet2DConditionModel.from_pretrained(Path(given["model.source"]) / "unet")
+        seen.update(given, images=images_per_prompt, unet=unet.state_dict())
+        return {"uce_forget_drop_points": 0.0}
+
+    monkeypatch.setattr(card, "uce_single_object", check)
+    out = card.uce_on_build(root / "build", 3, path, ["method.settings.variant=lasttoken"])
+    assert out == {"uce_forget_drop_points": 0.0} and seen["images"] == 3
+    assert seen["model.judges.clip.arch"] == f"local-dir:{root / 'build' / 'export' / 'clip'}"
+    assert seen["model.judges.classifier.path"] == str(root / "build" / "export" / "judges")
+    assert seen["method.settings.variant"] == "lasttoken"
+    current = Builder(root / "build", recipe_path=path).current_pipeline().unet.state_dict()
+    assert all(torch.equal(v, seen["unet"][k]) for k, v in current.items())
+
+
 def test_training_resumed_in_chunks_equals_uninterrupted(
     toy_world: tuple[Path, Path, Path],
 ) -> None:

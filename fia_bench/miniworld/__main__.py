@@ -71,6 +71,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also zero FFN2 and the cross-attention values one transformer module at a time",
     )
+    uce = sub.add_parser(
+        "uce",
+        help="the card's UCE check (each of the first ten objects erased alone), on the shipped "
+        "weights or on a build's generator as it stands",
+    )
+    uce.add_argument("--build", type=Path, default=None, help="a build directory")
+    uce.add_argument("--recipe", type=Path, default=None, help="the build's recipe.yaml")
+    uce.add_argument("--images-per-prompt", type=int, default=8, help="the card's is 8")
+    uce.add_argument("--out", type=Path, default=None, help="also write the figures here")
+    uce.add_argument("overrides", nargs="*", help="e.g. method.settings.variant=lasttoken")
     upstream = sub.add_parser(
         "judges",
         help="a build's VAE (PSNR) and judges (accuracy on held-out renders of its world) as "
@@ -110,16 +120,19 @@ def main(argv: list[str] | None = None) -> None:
         from fia_bench.miniworld.text_rows import measure as text_rows
 
         print(json.dumps(text_rows(args.pipeline, args.clip, args.build, args.recipe), indent=1))
-    elif args.command == "sublayers":
-        from fia_bench.miniworld.card import sublayers
+    elif args.command in ("sublayers", "uce"):
+        from fia_bench.miniworld.card import sublayers, uce_on_build
 
-        result = sublayers(
-            args.build,
-            args.images_per_prompt,
-            args.objects,
-            args.recipe,
-            per_module=args.per_module,
-        )
+        if args.command == "sublayers":
+            result = sublayers(
+                args.build,
+                args.images_per_prompt,
+                args.objects,
+                args.recipe,
+                per_module=args.per_module,
+            )
+        else:
+            result = uce_on_build(args.build, args.images_per_prompt, args.recipe, args.overrides)
         text = json.dumps(result, indent=1)
         if args.out:
             args.out.write_text(text + "\n", encoding="utf-8")

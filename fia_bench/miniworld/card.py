@@ -443,6 +443,37 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
     }
 
 
+def uce_on_build(
+    build: Path | None,
+    images_per_prompt: int,
+    recipe_path: Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The card's UCE rows alone, on the shipped weights or (``build``) on a build's generator
+    as it stands, judged by that build's judges: whether a candidate's text encoder cuts UCE's
+    collateral is read on an early checkpoint, as the sublayer rows are."""
+    import tempfile
+
+    overrides = list(overrides or [])
+    if build is None:
+        return uce_single_object(images_per_prompt, overrides)
+    from fia_bench.miniworld.train import Builder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = Path(tmp) / "pipeline"
+        Builder(build, recipe_path=recipe_path).current_pipeline().save_pretrained(pipeline)
+        export = build / "export"
+        return uce_single_object(
+            images_per_prompt,
+            [
+                f"model.source={pipeline}",
+                f"model.judges.clip.arch=local-dir:{export / 'clip'}",
+                f"model.judges.classifier.path={export / 'judges'}",
+                *overrides,
+            ],
+        )
+
+
 UCE_OBJECTS = 10  # erased one at a time by the card's UCE check
 TASK_OBJECTS = 50  # the second build's world lists its task objects first, then 10 held out
 
