@@ -505,7 +505,33 @@ def test_a_build_in_progress_is_measured_by_what_it_has(toy_world: tuple[Path, P
     assert set(build_upstream(partial, path)) == {"vae_psnr_db"}
     whole = build_upstream(root / "build", path)
     assert whole["vae_psnr_db"] == build_upstream(partial, path)["vae_psnr_db"]
-    judged = {"clip_renders_objects", "clip_renders_styles"}
-    judged |= {"classifier_renders_objects", "classifier_renders_styles"}
+    judged = {
+        f"{j}_{on}_{t}"
+        for j in ("clip", "classifier")
+        for t in ("objects", "styles")
+        for on in ("renders", "reconstructions")
+    }
     assert set(whole) == {"vae_psnr_db", *judged}
     assert all(0 <= whole[k] <= 100 for k in judged)
+
+
+def test_judges_read_a_lossless_reconstruction_as_the_renders() -> None:
+    """The reconstruction rows differ from the render rows only by what the VAE loses."""
+    from types import SimpleNamespace
+
+    import fia_bench
+    from fia_bench.miniworld.card import judges, judges_on_renders
+
+    class Lossless:
+        def encode(self, x: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(sample=z)
+
+    cfg = fia_bench.compose(["model=mini"])
+    clip, classifier, resolution = judges(cfg.model.judges)
+    size = int(cfg.model.resolution)
+    renders = judges_on_renders(clip, classifier, resolution, size, count=60)
+    through = judges_on_renders(clip, classifier, resolution, size, count=60, vae=Lossless())
+    assert through == {k.replace("_renders_", "_reconstructions_"): v for k, v in renders.items()}

@@ -105,11 +105,16 @@ def judges_on_renders(
     count: int = 1000,
     world_name: str = SHIPPED_WORLD,
     tasks: tuple[Task, Task] | None = None,
+    vae: Any = None,
 ) -> dict[str, float]:
     """Zero-shot CLIP and classifier accuracy (%) on held-out renders, objects and styles
-    (``tasks``: the objects and styles tasks, by default the shipped world's)."""
+    (``tasks``: the objects and styles tasks, by default the shipped world's). With ``vae``,
+    on the renders' reconstructions through it: what the judges can still read of what the
+    generator can at best draw (the rows are then named ``..._reconstructions_...``)."""
     scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, 0.0, world_name)
     renders = [render(s, seed, size, world_name) for s, seed in scenes]
+    if vae is not None:
+        renders = reconstructed(vae, renders, size)
     objects, styles = tasks or (load_task("objects", "mini"), load_task("styles", "mini"))
     keep = [i for i, (s, _) in enumerate(scenes) if s.shape in objects.concepts]
     card: dict[str, float] = {}
@@ -131,7 +136,18 @@ def judges_on_renders(
         card[f"classifier_renders_{task.name}"] = 100.0 * float(
             np.mean([p == t for p, t in zip(predicted, truth, strict=True)])
         )
+    if vae is not None:
+        return {k.replace("_renders_", "_reconstructions_"): v for k, v in card.items()}
     return card
+
+
+def reconstructed(vae: Any, images: list[Image.Image], size: int) -> list[Image.Image]:
+    """Images through the VAE and back (posterior mean), as 8-bit images."""
+    with torch.no_grad():
+        pixels = to_pixels(images, size)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    as_bytes = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(x) for x in as_bytes]
 
 
 def build_upstream(build: Path, recipe_path: Path | None = None) -> dict[str, float]:
@@ -144,6 +160,7 @@ def build_upstream(build: Path, recipe_path: Path | None = None) -> dict[str, fl
     size = int(builder.r["resolution"])
     w = world(builder.world)
     card: dict[str, float] = {}
+    vae = None
     if (build / "vae.safetensors").exists():
         vae = build_vae(builder.r)
         vae.load_state_dict(load_tensors(build / "vae.safetensors")[0])
@@ -157,9 +174,14 @@ def build_upstream(build: Path, recipe_path: Path | None = None) -> dict[str, fl
         bare = ("{concept}",)
         objects = Task("objects", builder.world, tuple(w["shapes"][:TASK_OBJECTS]), bare, where)
         styles = Task("styles", builder.world, tuple(w["styles"]), bare, where)
+        tasks = (objects, styles)
         card |= judges_on_renders(
-            clip, classifier, resolution, size, world_name=builder.world, tasks=(objects, styles)
+            clip, classifier, resolution, size, world_name=builder.world, tasks=tasks
         )
+        if vae is not None:
+            card |= judges_on_renders(
+                clip, classifier, resolution, size, world_name=builder.world, tasks=tasks, vae=vae
+            )
     return card
 
 
