@@ -431,7 +431,7 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
 
     objects = load_task("objects", "mini").concepts[:UCE_OBJECTS]
     per_concept = images_per_prompt * len(load_task("objects", "mini").templates)
-    forget, retain, worst = [], [], []
+    forget, retain, worst, retain_base = [], [], [], []
     with tempfile.TemporaryDirectory() as out:
         for concept in tqdm(objects, desc="uce, one object at a time", leave=False):
             result = fia_bench.run(
@@ -455,12 +455,16 @@ def uce_single_object(images_per_prompt: int, overrides: list[str]) -> dict[str,
             forget.append(float(drop[concept]))
             others = drop.drop(concept)
             retain.append(float(others.mean()))
+            retain_base.append(float(acc["none"].drop(concept).mean()))
             worst.append(float(others.max()))
     return {
         "uce_forget_drop_points": float(np.mean(forget)),
         "uce_forget_drop_min_points": float(np.min(forget)),
         "uce_retain_drop_points": float(np.mean(retain)),
         "uce_retain_drop_worst_object_points": float(np.max(worst)),
+        # what the others' drop is out of: an early generator that draws few objects has
+        # little to lose, so its collateral reads small in points
+        "uce_retain_base_points": float(np.mean(retain_base)),
         "uce_forget_drop_by_object": dict(zip(objects, [round(f, 1) for f in forget], strict=True)),
     }
 
