@@ -199,3 +199,14 @@ def test_the_training_projection_adds_fixed_and_per_step_costs(tmp_path: Path) -
     assert miniworld_train.too_noisy({**first_half_free, "fixed_s": -0.06 * 10 * 2.0}, 10)
     with pytest.raises(FiaBenchError, match="--stage-steps must be a positive"):
         miniworld_train.time_recipe(0, "cpu")
+
+
+def test_the_generator_step_profile_times_every_phase_of_a_step(tmp_path: Path) -> None:
+    from benchmarks import generator_step
+
+    result, table = generator_step.measure("cpu", 2, toy_recipe(tmp_path))
+    phases = result["phase_ms_synchronised"]
+    assert list(phases) == list(generator_step.PHASES) and all(v >= 0 for v in phases.values())
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["adamw"] > 0
+    assert result["kernel_launches_per_step"] == 0  # no device kernels on a CPU
+    assert result["host_ms_per_step_profiled"] > 0 and "aten::" in table
