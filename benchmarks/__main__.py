@@ -347,6 +347,7 @@ def sd(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     precision = args.precision or ("bf16" if on_cuda else "fp32")
     counts = concept_counts(args.concepts)
     overrides = method_overrides(args.set)
+    erasure.check_methods(overrides)
     protocol = projection.load_protocol()
     m = machine(args.device, args.command)
     log(f"building the SD v1 architecture at {args.sd_resolution}px on {args.device}")

@@ -18,6 +18,7 @@ import torch
 from benchmarks.projection import method_settings
 from fia_bench.api import EraseRequest
 from fia_bench.engine import Engine
+from fia_bench.errors import unknown_choice
 from fia_bench.registry import METHODS
 from fia_bench.tasks import load_task
 
@@ -50,6 +51,21 @@ def erase(
     start = synchronized_time(engine.device)
     info = method.erase(request)
     return synchronized_time(engine.device) - start, info, making[0]
+
+
+TIMED_METHODS = ("fia", "uce", "scapre", "esd", "dynamic_mask")
+
+
+def check_methods(overrides: dict[str, dict[str, Any]]) -> None:
+    """Every timed method found and every ``--set`` checked against its settings before any
+    model is built: a missing plugin or a misspelt setting once surfaced only after minutes of
+    generation timing on a GPU, which were then lost."""
+    for name in TIMED_METHODS:
+        METHODS.get(name)
+    for name, settings in overrides.items():
+        if name not in TIMED_METHODS:
+            raise unknown_choice("timed method", name, TIMED_METHODS, "--set")
+        METHODS.get(name).SETTINGS.check(settings, f"--set {name}")
 
 
 def dynamic_mask_shape(steps: int) -> dict[str, int]:

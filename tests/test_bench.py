@@ -116,6 +116,14 @@ def test_method_overrides_parse_and_reject() -> None:
         method_overrides(["saliency_steps=1"])
 
 
+def test_the_timed_methods_and_their_settings_are_checked_before_any_model_is_built() -> None:
+    erasure.check_methods({"fia": {"saliency_steps": 1}, "esd": {"train": "esd-x"}})
+    with pytest.raises(FiaBenchError, match=r"unknown timed method 'fiaa' in --set.*'fia'"):
+        erasure.check_methods({"fiaa": {"saliency_steps": 1}})
+    with pytest.raises(FiaBenchError, match="unknown setting 'saliency_stepz' in --set fia"):
+        erasure.check_methods({"fia": {"saliency_stepz": 1}})
+
+
 def test_method_timings_through_the_plugins() -> None:
     """Every method erases through its plugin on a tiny engine with the SD world's tasks;
     Dynamic Mask trains exactly the asked steps, and its image making is timed apart."""
