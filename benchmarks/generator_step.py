@@ -9,7 +9,7 @@ The step is the generator stage's own (the recipe's UNet at its batch size, a fi
 encoder, AdamW, gradient clipping, the weight average) on random data: drawing and tokenising
 a batch of captions took about 5 ms on one CPU thread.
 
-    python -m benchmarks.generator_step --device cuda --steps 50
+    python -m benchmarks.generator_step --device cuda --steps 50 [--compile]
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ PHASES = ("to_device", "forward", "backward", "clip", "adamw", "average", "loss_
 
 
 def generator_step(
-    device: str, recipe_path: Path | None, work: Path
+    device: str, recipe_path: Path | None, work: Path, compile_unet: bool = False
 ) -> tuple[Callable[[Callable[[str], None]], None], dict[str, Any]]:
-    """One training step of the generator stage as a function of a phase marker."""
+    """One training step of the generator stage as a function of a phase marker; with
+    ``compile_unet``, through ``torch.compile`` (CUDA graphs on a GPU: fewer launches, the lever
+    a host-bound step needs; not yet measured on one)."""
     builder = Builder(work, recipe_path=recipe_path, device=device)
     r, tokenizer = builder.r, builder.tokenizer()
     unet = build_unet(r).to(device)
@@ -51,10 +53,13 @@ def generator_step(
     latents = torch.randn(batch, unet.config.in_channels, size, size)
     noise, t = torch.randn_like(latents), torch.randint(1000, (batch,))
 
+    graphs = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    model = torch.compile(unet, mode=graphs) if compile_unet else unet
+
     def step(mark: Callable[[str], None]) -> None:
         x, tt, e, i = latents.to(device), t.to(device), noise.to(device), ids.to(device)
         mark("to_device")
-        pred = unet(x, tt, encoder_hidden_states=text_encoder(i)[0]).sample
+        pred = model(x, tt, encoder_hidden_states=text_encoder(i)[0]).sample
         loss = (pred - e).pow(2).mean()
         mark("forward")
         loop.optimizer.zero_grad(set_to_none=True)
@@ -73,7 +78,9 @@ def generator_step(
     return step, {"batch_size": batch, "unet_tensors": len(unet.state_dict())}
 
 
-def measure(device: str, steps: int, recipe_path: Path | None) -> tuple[dict[str, Any], str]:
+def measure(
+    device: str, steps: int, recipe_path: Path | None, compile_unet: bool = False
+) -> tuple[dict[str, Any], str]:
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the builder sets it
@@ -83,7 +90,7 @@ def measure(device: str, steps: int, recipe_path: Path | None) -> tuple[dict[str
             torch.cuda.synchronize(device)
 
     with tempfile.TemporaryDirectory() as work:
-        step, shape = generator_step(device, recipe_path, Path(work))
+        step, shape = generator_step(device, recipe_path, Path(work), compile_unet)
     for _ in range(10):  # kernels chosen, caches warm
         step(lambda _: None)
     sync()
@@ -116,6 +123,7 @@ def measure(device: str, steps: int, recipe_path: Path | None) -> tuple[dict[str
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "torch": torch.__version__,
         "steps": steps,
+        "compiled": compile_unet,
         **shape,
         "step_ms": 1e3 * free_running,
         "phase_ms_synchronised": {k: round(1e3 * v / steps, 2) for k, v in phases.items()},
@@ -132,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--recipe", type=Path, default=None, help="another recipe.yaml")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     args = parser.parse_args(argv)
-    result, table = measure(args.device, args.steps, args.recipe)
+    result, table = measure(args.device, args.steps, args.recipe, args.compile)
     text = json.dumps(result, indent=1)
     print(text)
     print(table)
