@@ -57,7 +57,7 @@ def time_recipe(
         seconds = json.loads((build / "times.json").read_text(encoding="utf-8"))
     stages = []
     for stage in trained_stages(full):
-        clock = builder.step_clock[stage]
+        clock = builder.ledger.step_clock[stage]
         halfway, end = clock[steps - 1], clock[2 * steps - 1]
         per_step = (end - halfway) / steps
         fixed = seconds[stage] - 2 * steps * per_step

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import Builder, cycles_of, load_tensors, recipe
+from fia_bench.miniworld.train import Builder, Ledger, cycles_of, load_tensors, recipe
 
 GENERATOR_KEYS = ("unet", "text_encoder", "text", "generator")
 UPSTREAM = ("data", "vae", "classifier", "clip")
@@ -109,7 +109,7 @@ def timed(
     if failed:
         raise FiaBenchError(f"timing failed for {failed}: see {root}/timing/<variant>.log")
     paces = {
-        name: json.loads((build / "pace.json").read_text("utf-8"))["generator"]
+        name: Ledger(build).read("pace.json", {})["generator"]
         for name, (build, _) in trial.items()
         if fits(recipes[name])
     }
@@ -125,7 +125,7 @@ def prepare(base_build: Path, root: Path, name: str, r: dict[str, Any]) -> tuple
         link = build / shared
         if not link.exists():
             link.symlink_to((base_build / shared).resolve())
-    (build / "done.json").write_text(json.dumps(list(UPSTREAM)), "utf-8")
+    Ledger(build).write("done.json", list(UPSTREAM))
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(r, sort_keys=False), "utf-8")
     return build, path
@@ -177,14 +177,15 @@ def measure(
     from fia_bench.miniworld.card import sublayers
 
     state = load_tensors(build / "generator.state.safetensors")[1]
-    times = json.loads((build / "times.json").read_text("utf-8"))
+    ledger = Ledger(build)
+    training = ledger.training()
     row: dict[str, Any] = {
         "variant": name,
         "step": state["step"],
         "steps": sum(cycles_of(recipe(recipe_path)["generator"]["steps"])),
-        "finished": "generator" in json.loads((build / "done.json").read_text("utf-8")),
-        "train_seconds": round(times.get("generator", 0.0), 1),
-        "devices": json.loads((build / "devices.json").read_text("utf-8")).get("generator"),
+        "finished": "generator" in ledger.done(),
+        "train_seconds": round(training["seconds"].get("generator", 0.0), 1),
+        "devices": training["devices"].get("generator"),
         "unet_mflops": round(unet_mflops(Builder(build, recipe_path=recipe_path)), 1),
     }
     row |= sublayers(build, images_per_prompt, objects, recipe_path, device)

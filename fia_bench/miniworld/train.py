@@ -470,6 +470,74 @@ def augment(
 # --- stages -------------------------------------------------------------------------------
 
 
+class Ledger:
+    """What a build directory keeps of its own training, beside the weights: the stages done
+    (``done.json``), seconds per stage summed over resumed calls (``times.json``), the devices
+    each stage ran on (``devices.json``) and seconds per step (``pace.json``). Each file is
+    re-read before it is written, so stages training in parallel processes keep each other's
+    entries."""
+
+    def __init__(self, build: Path) -> None:
+        self.build = build
+        # per stage, seconds from the stage's start in this call to the end of each step it
+        # took: how the mini-train benchmark parts a stage's steady cost per step from its fixed
+        # cost within one build
+        self.step_clock: dict[str, list[float]] = {}
+        self._stage = ""
+        self._since = self._stage_start = 0.0
+
+    def done(self) -> list[str]:
+        return self.read("done.json", [])
+
+    def training(self) -> dict[str, Any]:
+        """Seconds and devices per stage, as the export's ``training.json`` reports them."""
+        return {"seconds": self.read("times.json", {}), "devices": self.read("devices.json", {})}
+
+    def start(self, stage: str) -> None:
+        self._stage, self._since = stage, time.monotonic()
+        self._stage_start, self.step_clock[stage] = self._since, []
+
+    def finish(self, stage: str, device: str, finished: bool) -> None:
+        """Book the call's time, pace and device for ``stage``; mark it done if ``finished``."""
+        self.clock()
+        self.note_pace(stage)
+        devices = self.read("devices.json", {})
+        devices[stage] = sorted({*devices.get(stage, []), device})
+        self.write("devices.json", devices)
+        if finished:
+            self.write("done.json", sorted({*self.done(), stage}))
+
+    def note_pace(self, stage: str) -> None:
+        """Seconds per step over the second half of this call's steps (past the warm-up of
+        kernels and caches), in ``pace.json``: what a time budget buys on this machine."""
+        clock = self.step_clock[stage]
+        if len(clock) >= 4:
+            half = len(clock) // 2
+            pace = self.read("pace.json", {})
+            pace[stage] = (clock[-1] - clock[half - 1]) / (len(clock) - half)
+            self.write("pace.json", pace)
+
+    def note_step(self) -> None:
+        self.step_clock[self._stage].append(time.monotonic() - self._stage_start)
+
+    def clock(self) -> None:
+        """Add the time since the last booking to the running stage's total in ``times.json``.
+        Called at every checkpoint and at the end of a call, so a run killed between
+        checkpoints loses only the time of the steps it will redo."""
+        now = time.monotonic()
+        times = self.read("times.json", {})
+        times[self._stage] = times.get(self._stage, 0.0) + now - self._since
+        self.write("times.json", times)
+        self._since = now
+
+    def read(self, name: str, default: Any) -> Any:
+        path = self.build / name
+        return json.loads(path.read_text()) if path.exists() else default
+
+    def write(self, name: str, value: Any) -> None:
+        atomic_write(self.build / name, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+
+
 class Builder:
     """Runs the stages in order; ``max_minutes`` and ``max_steps`` bound one call (per call and
     per stage respectively), and the next call resumes where this one stopped."""
@@ -496,10 +564,7 @@ class Builder:
         self.limits = (time.monotonic() + 60 * max_minutes, max_steps)
         build.mkdir(parents=True, exist_ok=True)
         self._data: dict[str, np.ndarray] | None = None
-        # per stage, seconds from the stage's start in this call to the end of each step it
-        # took: how the mini-train benchmark parts a stage's steady cost per step from its fixed
-        # cost within one build
-        self.step_clock: dict[str, list[float]] = {}
+        self.ledger = Ledger(build)
 
     @property
     def data(self) -> dict[str, np.ndarray]:
@@ -859,8 +924,7 @@ class Builder:
         shutil.copytree(self.build / "export" / "judges", staging / "classifier")
         # what the model card reports of the training: seconds per stage, summed over chunks
         training = {
-            "seconds": self._read("times.json", {}),
-            "devices": self._read("devices.json", {}),
+            **self.ledger.training(),
             "recipe_sha256": hashlib.sha256(yaml.safe_dump(self.r).encode()).hexdigest(),
         }
         (staging / "training.json").write_text(json.dumps(training, indent=1) + "\n", "utf-8")
@@ -890,59 +954,30 @@ class Builder:
         return assemble_pipeline(vae, text_encoder, tokenizer, unet).to(torch.float32)
 
     def run(self, stages: list[str]) -> bool:
-        """Stages whose mark is in ``done.json`` are skipped; marks and times are re-read before
-        each write, so independent stages may train in parallel processes."""
+        """Stages marked done (the ledger) are skipped, export excepted."""
         for stage in stages:
-            if stage in self._read("done.json", []) and stage != "export":
+            if stage in self.ledger.done() and stage != "export":
                 continue
-            self._stage, self._since = stage, time.monotonic()
-            self._stage_start, self.step_clock[stage] = self._since, []
+            self.ledger.start(stage)
             if stage in SEEDED:  # initial weights must not depend on which stages ran before
                 torch.manual_seed(self.seed * 1000 + SEEDED.index(stage))
             finished = getattr(self, f"stage_{stage}")()
-            self.clock()
-            self.note_pace(stage)
-            devices = self._read("devices.json", {})
-            devices[stage] = sorted({*devices.get(stage, []), self.device.type})
-            self._write("devices.json", devices)
+            self.ledger.finish(stage, self.device.type, finished)
             if not finished:
                 print(
                     f"[mini-world] {stage}: paused at the time or step limit; run again to resume"
                 )
                 return False
-            self._write("done.json", sorted({*self._read("done.json", []), stage}))
         return True
 
     def loop(self, stage: str, modules: dict[str, nn.Module]) -> Loop:
         cfg = self.r[stage]
-        return Loop(self.build, stage, modules, cfg["lr"], cfg["steps"], self.clock, self.note_step)
-
-    def note_pace(self, stage: str) -> None:
-        """Seconds per step over the second half of this call's steps (past the warm-up of
-        kernels and caches), in ``pace.json``: what a time budget buys on this machine."""
-        clock = self.step_clock[stage]
-        if len(clock) >= 4:
-            half = len(clock) // 2
-            pace = self._read("pace.json", {})
-            pace[stage] = (clock[-1] - clock[half - 1]) / (len(clock) - half)
-            self._write("pace.json", pace)
-
-    def note_step(self) -> None:
-        self.step_clock[self._stage].append(time.monotonic() - self._stage_start)
-
-    def clock(self) -> None:
-        """Add the time since the last booking to the running stage's total in ``times.json``.
-        Called at every checkpoint and at the end of a call, so a run killed between
-        checkpoints loses only the time of the steps it will redo."""
-        now = time.monotonic()
-        times = self._read("times.json", {})
-        times[self._stage] = times.get(self._stage, 0.0) + now - self._since
-        self._write("times.json", times)
-        self._since = now
-
-    def _read(self, name: str, default: Any) -> Any:
-        path = self.build / name
-        return json.loads(path.read_text()) if path.exists() else default
-
-    def _write(self, name: str, value: Any) -> None:
-        atomic_write(self.build / name, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+        return Loop(
+            self.build,
+            stage,
+            modules,
+            cfg["lr"],
+            cfg["steps"],
+            self.ledger.clock,
+            self.ledger.note_step,
+        )
