@@ -90,10 +90,10 @@ def vae_psnr(vae: Any, size: int, count: int = 512, world_name: str = SHIPPED_WO
     """PSNR (dB) of held-out renders through the VAE (posterior mean): what the generator can
     draw at best. Stripes and dots are a few pixels wide, so this bounds the styles task."""
     scenes = sample_scenes(count, HELD_OUT_SCENE_SEED, 0.1, world_name)
-    pixels = to_pixels([render(s, seed, size, world_name) for s, seed in scenes], size)
-    decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-    as_bytes = [((x + 1) * 127.5).round() for x in (pixels, decoded)]
-    mse = float((as_bytes[0] - as_bytes[1]).pow(2).mean())
+    renders = [render(s, seed, size, world_name) for s, seed in scenes]
+    originals = ((to_pixels(renders, size) + 1) * 127.5).round()
+    decoded = np.stack([np.asarray(im) for im in reconstructed(vae, renders, size)])
+    mse = float((originals - torch.from_numpy(decoded).permute(0, 3, 1, 2)).pow(2).mean())
     return 10 * float(np.log10(255.0**2 / mse))
 
 
