@@ -54,7 +54,7 @@ def time_recipe(
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         build = Path(tmp) / "build"
         builder = run_build(build, shortened(full, 2 * steps), device)
-        seconds = json.loads((build / "times.json").read_text(encoding="utf-8"))
+        seconds = builder.ledger.training()["seconds"]
     stages = []
     for stage in trained_stages(full):
         clock = builder.ledger.step_clock[stage]
