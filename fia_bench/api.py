@@ -59,6 +59,9 @@ class EraseRequest:
     ``base_images(prompts, seeds, negative_prompts=None)`` returns the *unedited* model's images
     through the generate stage's cache, so training data is made once and shared with evaluation.
     ``task.superclasses`` maps concepts to their anchor concept where the task defines one.
+    A sequential method may be handed weights that already carry the erasure of its first
+    ``done`` targets (the cached erasure of a smaller concept count), with ``prior``, the info
+    that erasure returned; it erases the rest and reports all of them.
     """
 
     targets: tuple[str, ...]
@@ -67,6 +70,8 @@ class EraseRequest:
     task: Task
     engine: Engine
     base_images: Callable[..., list[Image.Image]] = _no_base_images
+    done: int = 0
+    prior: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -78,9 +83,20 @@ class Method:
     whole configuration is checked against it before any model loads. An inference-time method
     (SLD, SAFREE) changes sampling instead of, or besides, weights: its ``sampling_guidance``
     returns what the engine applies at every denoising step of the job's images
-    (``guidance.py``)."""
+    (``guidance.py``).
+
+    ``version`` enters the erase cache key once it is not 0: bump it when the same settings
+    come to make another edit, so that stored edits of the old code are not taken for new ones.
+    A ``sequential`` method erases its targets one after another, each from the weights the
+    previous ones left, and draws nothing that depends on how many targets follow (nor from
+    torch's global generator). The erasure of a task's first k targets is then the start of the
+    erasure of its first n, so the harness resumes an n-concept erasure from the longest cached
+    shorter one (``EraseRequest.done``): a sweep over concept counts trains each concept once
+    per seed."""
 
     SETTINGS: ClassVar[Schema] = Schema()
+    version: ClassVar[int] = 0
+    sequential: ClassVar[bool] = False
 
     def __init__(self, **settings: Any) -> None:
         if settings:

@@ -5,7 +5,7 @@ entries to count what a run would find cached."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ def erase_key(
     seed: int,
     task: str,
     inputs: dict[str, Any] | None = None,
+    version: int = 0,
 ) -> str:
     """The erase stage's cache key (also computed by the dry run's plan). ``inputs``: content
-    hashes of files the method reads (``Method.input_fingerprint``); keys of methods that read
-    none are as before it existed."""
+    hashes of files the method reads (``Method.input_fingerprint``); ``version``: the method's
+    (``Method.version``). Keys of methods that read no file, at version 0, are as before these
+    existed."""
     fields = {
         "stage": "erase",
         "model": fingerprint,
@@ -39,7 +41,11 @@ def erase_key(
         "seed": seed,
         "task": task,
     }
-    return stable_hash(fields | ({"inputs": inputs} if inputs else {}))
+    if inputs:
+        fields["inputs"] = inputs
+    if version:
+        fields["version"] = version
+    return stable_hash(fields)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,13 @@ class Job:
     seed: int
     targets: tuple[str, ...]
     retain: tuple[str, ...]
+
+    def prefix(self, k: int) -> Job:
+        """The job that erases only the first ``k`` targets and keeps the rest with the others,
+        as a sweep over concept counts makes it."""
+        return replace(
+            self, n_concepts=k, targets=self.targets[:k], retain=self.targets[k:] + self.retain
+        )
 
 
 @dataclass

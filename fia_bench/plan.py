@@ -285,7 +285,8 @@ class JobPlan:
     precision: str
     sampler: Sampler
     batch_size: int  # images per engine batch: the sampler's, capped by an int engine.batch_size
-    erase_todo: list[tuple[str, int]] = field(default_factory=list)  # (method, n_concepts)
+    # (method, concepts it erases): n_concepts, or fewer for a sequential method that resumes
+    erase_todo: list[tuple[str, int]] = field(default_factory=list)
     erase_cached: int = 0
     erase_shared: int = 0  # made earlier in the same plan
     rows_per_role: dict[str, int] = field(default_factory=dict)
@@ -421,10 +422,29 @@ class Planner:
         (the base model's, or a cached edit's) rather than a stand-in unique to the edit, or
         None for a cached failed edit (the runner generates nothing for it)."""
         fingerprint = model.stages.model.fingerprint if model.known else ""
-        inputs = METHODS.get(name, "method=").input_fingerprint(settings)
-        key = erase_key(
-            fingerprint, job.precision, name, settings, targets, retain, seed, task.name, inputs
-        )
+        plugin = METHODS.get(name, "method=")
+
+        def key_of(erased: tuple[str, ...], kept: tuple[str, ...]) -> str:
+            return erase_key(
+                fingerprint,
+                job.precision,
+                name,
+                settings,
+                erased,
+                kept,
+                seed,
+                task.name,
+                plugin.input_fingerprint(settings),
+                plugin.version,
+            )
+
+        def resumable(k: int) -> bool:
+            """The first k targets' erasure is planned before this one, or stored whole."""
+            prefix = key_of(targets[:k], targets[k:] + retain)
+            stored = model.stages.erasures.record(prefix) if model.known else None
+            return prefix in self.erased or (stored is not None and stored["status"] == "ok")
+
+        key = key_of(targets, retain)
         # a damaged entry is recomputed: to do
         meta = model.stages.erasures.record(key) if model.known else None
         cached = meta is not None
@@ -433,7 +453,10 @@ class Planner:
         elif cached:
             job.erase_cached += 1
         else:
-            job.erase_todo.append((name, n))
+            # a sequential method erases only the targets beyond the longest resumable prefix
+            sequential = range(n - 1, 0, -1) if plugin.sequential else range(0)
+            done = next((k for k in sequential if resumable(k)), 0)
+            job.erase_todo.append((name, n - done))
         self.erased.add(key)
         if model.known and name == UNEDITED:
             return model.stages.images.base_weights_id, True

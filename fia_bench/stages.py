@@ -75,18 +75,7 @@ class Stages:
         method = self.instances.get(job.method)
         if method is None:
             method = METHODS.get(job.method, "method.name")(**job.settings)
-        plugin = type(method)
-        key = erase_key(
-            self.model.fingerprint,
-            self.precision,
-            job.method,
-            job.settings,
-            job.targets,
-            job.retain,
-            job.seed,
-            self.task.name,
-            plugin.input_fingerprint(job.settings),
-        )
+        key = self.erase_key(job, method)
 
         def cached() -> Erased | None:
             erased = self.erasures.load(key)
@@ -109,12 +98,50 @@ class Stages:
         erased.guidance = method.sampling_guidance(job.targets, self.task)
         return erased
 
+    def erase_key(self, job: Job, method: Method) -> str:
+        plugin = type(method)
+        return erase_key(
+            self.model.fingerprint,
+            self.precision,
+            job.method,
+            job.settings,
+            job.targets,
+            job.retain,
+            job.seed,
+            self.task.name,
+            plugin.input_fingerprint(job.settings),
+            plugin.version,
+        )
+
+    def cached_prefix(self, job: Job, method: Method) -> Erased | None:
+        """The longest stored successful erasure of the job's first k < n targets, for a
+        sequential method to resume from; None for any other method."""
+        if not type(method).sequential:
+            return None
+        for k in range(len(job.targets) - 1, 0, -1):
+            erased = self.erasures.load(self.erase_key(job.prefix(k), method))
+            if erased is not None and erased.status == "ok":
+                return erased
+        return None
+
     def erase_now(self, job: Job, key: str, method: Method) -> Erased:
-        """Run the method on the base weights and store its delta and metadata."""
+        """Run the method on the base weights, or on those of the cached erasure of the job's
+        first targets when the method is sequential, and store its delta and metadata."""
         base = self.images.base
+        prefix = self.cached_prefix(job, method)
+        if prefix is not None:
+            artifacts.apply(self.model.pipe, prefix.delta)
+            self.engine.forget_embeddings()
         torch.manual_seed(job.seed)
         request = EraseRequest(
-            job.targets, job.retain, job.seed, self.task, self.engine, self.images.base_images
+            job.targets,
+            job.retain,
+            job.seed,
+            self.task,
+            self.engine,
+            self.images.base_images,
+            done=len(prefix.meta["targets"]) if prefix else 0,
+            prior=prefix.meta["info"] if prefix else {},
         )
         try:
             info = method.erase(request)
@@ -135,6 +162,8 @@ class Stages:
             "status": "failed" if non_finite else "ok",
             "reason": f"non-finite weights in {', '.join(non_finite[:3])}" if non_finite else "",
         }
+        if prefix is not None:
+            meta["resumed_from"] = {"n_concepts": request.done, "erase_key": prefix.key}
         self.counts.erased += 1
         return self.erasures.save(key, meta, delta)
 
@@ -302,4 +331,6 @@ def valid_attack_prompts(stored: Any) -> bool:
 
 
 def info_json(meta: dict[str, Any]) -> str:
-    return json.dumps(meta.get("info", {}), sort_keys=True, default=str)
+    """The method's report of its erasure, and which cached erasure it resumed from, if any."""
+    resumed = {"resumed_from": meta["resumed_from"]} if "resumed_from" in meta else {}
+    return json.dumps(meta.get("info", {}) | resumed, sort_keys=True, default=str)

@@ -21,10 +21,12 @@ Per target concept ``k``, in the task's order, starting from the weights left by
 ``variant=code`` (default) is the released code, whose KD term is computed and then overwritten, so
 it never trains; ``variant=paper`` adds the KD term the paper's abstract describes (its target is
 the superclass batch, as the code computes it). Departures from the code, all deliberate: the
-training data and all training randomness are seeded (``torch.Generator(request.seed)`` on the CPU,
-so a seed gives the same draws on any device and the same edit on CPU); a weight whose mask is
-switched off has its Adam first moment cleared (``strict_mask``) so that a masked entry never
-moves, where PyTorch's Adam in the code lets it drift on momentum; the student forwards on the
+training data and all training randomness are seeded (the ``k``-th concept of the sequence draws
+from ``torch.Generator(seed · 1,000,003 + k)`` on the CPU, so a seed gives the same draws on any
+device and the same edit on CPU, and concept ``k`` trains alike whatever follows it, so that a
+sweep's larger concept counts resume from its smaller ones: ``Method.sequential``); a weight whose
+mask is switched off has its Adam first moment cleared (``strict_mask``) so that a masked entry
+never moves, where PyTorch's Adam in the code lets it drift on momentum; the student forwards on the
 target and superclass batches share one UNet call (the same gradients as two). Half-precision
 UNets train fp32 master copies (fp16 with dynamic loss scaling).
 """
@@ -51,6 +53,7 @@ LR_SCHEDULES = ("onecycle", "constant")
 MASKED = ("attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight")
 FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
+CONCEPT_SEED_STRIDE = 1_000_003  # concept k of erasure seed s draws from seed s * stride + k
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,9 @@ class ConceptTrainer:
 
 
 class DynamicMask(Method):
+    # 1: each concept draws from its own generator (it had shared one across the sequence)
+    version = 1
+    sequential = True
     SETTINGS = Schema(
         variant=Choice(*VARIANTS),
         kd=Flag(null=True),
@@ -548,31 +554,33 @@ class DynamicMask(Method):
         return [self.seed_base + i for i in range(self.images_per_class)]
 
     def training_images(self, request: EraseRequest) -> dict[str, tuple[list, list]]:
-        """Every target's and superclass's images in one call to the harness's cached base-model
-        generator (superclass images use the target's name as negative prompt)."""
+        """Every target still to erase's and superclass's images in one call to the harness's
+        cached base-model generator (superclass images use the target's name as negative
+        prompt)."""
         n, seeds = self.images_per_class, self.seeds()
+        targets = request.targets[request.done :]
         prompts: list[str] = []
         negatives: list[str] = []
-        for concept in request.targets:
+        for concept in targets:
             prompts += [self.prompt.format(concept=concept)] * n
             prompts += [self.prompt.format(concept=self.superclass(request, concept))] * n
             negatives += [""] * n + [concept] * n
-        images = request.base_images(prompts, seeds * 2 * len(request.targets), negatives)
+        images = request.base_images(prompts, seeds * 2 * len(targets), negatives)
         return {
             concept: (
                 images[2 * i * n : (2 * i + 1) * n],
                 images[(2 * i + 1) * n : (2 * i + 2) * n],
             )
-            for i, concept in enumerate(request.targets)
+            for i, concept in enumerate(targets)
         }
 
     def concept_data(self, request: EraseRequest) -> list[ConceptData]:
-        """Every target's encoded training set, in the task's order."""
+        """The encoded training set of every target still to erase, in the task's order."""
         images = self.training_images(request)
         vae = request.engine.pipe.vae
         batch = max(1, request.engine.sampler.batch_size)
         out = []
-        for concept in request.targets:
+        for concept in request.targets[request.done :]:
             superclass = self.superclass(request, concept)
             target_mean, target_std = encode_images(vae, images[concept][0], batch)
             anchor_mean, anchor_std = encode_images(vae, images[concept][1], batch)
@@ -619,11 +627,12 @@ class DynamicMask(Method):
         if not request.targets:
             return {"variant": self.variant, "kd": self.settings.kd, "concepts": []}
         unet = request.engine.pipe.unet
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
         params = trainable_parameters(unet)
-        concepts = []
-        for data in self.concept_data(request):  # sequential, in the task's order
-            trainer = self.trainer(request, data, generator)
+        concepts = list(request.prior.get("concepts", []))
+        # sequential, in the task's order, after the `done` ones the weights already carry
+        for k, data in enumerate(self.concept_data(request), start=request.done):
+            seed = int(request.seed) * CONCEPT_SEED_STRIDE + k
+            trainer = self.trainer(request, data, torch.Generator("cpu").manual_seed(seed))
             try:
                 summary = trainer.train()
             finally:

@@ -22,6 +22,7 @@ from fia_bench import artifacts
 from fia_bench.api import EraseRequest
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError
+from fia_bench.plan import Planner
 from fia_bench.records import registered_name
 from fia_bench.tasks import load_task
 from methods.dynamic_mask import MASKED, DynamicMask, trainable_parameters
@@ -277,6 +278,38 @@ def test_runs_through_the_harness_with_cached_training_images(
     n_rows = int(runs.loc["dynamic_mask", "n_prompts"])
     assert result.counts["images_generated"] == 2 * n_rows + 4
     assert len(list((cache_dir / "images").rglob("*.png"))) == 2 * n_rows + 4
+
+
+def test_a_larger_concept_count_resumes_from_the_smaller_one_and_equals_a_fresh_erasure(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concept k trains alike whatever follows it, so a sweep's 3-concept erasure continues
+    from its 1-concept one (the plan counts 1 + 2 concepts to train, not 1 + 3), and equals
+    the 3-concept erasure made from the base weights in an empty cache, bit for bit."""
+    settings = [f"method.settings.{k}={v}" for k, v in (TINY | {"epochs": 3}).items()]
+    job = [*FAST, "method=dynamic_mask", *settings, "seeds=1"]
+
+    def erasures(result) -> dict[int, tuple[str, str, dict]]:
+        runs = result.runs[result.runs["method"].map(registered_name) == "dynamic_mask"]
+        return {
+            int(r.n_concepts): (r.erase_key, r.weights_id, json.loads(r.info))
+            for r in runs.itertuples()
+        }
+
+    plan = Planner().plan(fia_bench.compose([*job, "n_concepts=[1,3]"]), "0")
+    assert [n for m, n in plan.erase_todo if m == "dynamic_mask"] == [1, 2]
+    swept = erasures(fia_bench.run([*job, "n_concepts=[1,3]"], out_dir=str(tmp_path / "a")))
+    monkeypatch.setenv("FIA_BENCH_CACHE", str(tmp_path / "empty"))
+    alone = erasures(fia_bench.run([*job, "n_concepts=3"], out_dir=str(tmp_path / "b")))
+
+    _, resumed_id, resumed = swept[3]
+    _, fresh_id, fresh = alone[3]
+    assert resumed_id == fresh_id != swept[1][1]
+    assert resumed["resumed_from"] == {"n_concepts": 1, "erase_key": swept[1][0]}
+    assert "resumed_from" not in fresh
+    # the report covers every concept, the resumed one's with the losses it trained with
+    assert [c["concept"] for c in resumed["concepts"]] == list(TASK.concepts[:3])
+    assert resumed["concepts"] == fresh["concepts"]
 
 
 def test_bad_settings_are_clear_errors() -> None:
