@@ -6,8 +6,8 @@ and about 2,200 kernel launches per step, and at most 11 ms of kernel time: a UN
 bound by the host (Python dispatch and launches), so the lever is fewer launches (foreach
 updates, captured graphs), not a faster GPU.
 The step is the generator stage's own (the recipe's UNet at its batch size, a fixed text
-encoder, AdamW, gradient clipping, the weight average) on random data: drawing and tokenising
-a batch of captions took about 5 ms on one CPU thread.
+encoder, and ``Loop.update``: gradient clipping, AdamW, the weight average) on random data:
+drawing and tokenising a batch of captions took about 5 ms on one CPU thread.
 
     python -m benchmarks.generator_step --device cuda --steps 50 [--compile]
 """
@@ -62,16 +62,7 @@ def generator_step(
         pred = model(x, tt, encoder_hidden_states=text_encoder(i)[0]).sample
         loss = (pred - e).pow(2).mean()
         mark("forward")
-        loop.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        mark("backward")
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0)
-        mark("clip")
-        loop.optimizer.step()
-        loop.step += 1
-        mark("adamw")
-        loop.update_ema(cfg["ema_decay"])
-        mark("average")
+        loop.update(loss, cfg["ema_decay"], mark)
         loss.item()
         mark("loss_item")
 

@@ -318,6 +318,29 @@ class Loop:
         torch._foreach_mul_(averages, warm)
         torch._foreach_add_(averages, currents, alpha=1 - warm)
 
+    def update(
+        self,
+        loss: torch.Tensor,
+        ema_decay: float | None,
+        mark: Callable[[str], None] = lambda phase: None,
+    ) -> None:
+        """One step on ``loss``: gradients clipped to norm 1, AdamW, the weight average.
+        ``mark`` is told each phase as it ends, for ``benchmarks/generator_step.py`` to time
+        the very step a build runs."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mark("backward")
+        torch.nn.utils.clip_grad_norm_(
+            [p for m in self.modules.values() for p in m.parameters()], 1.0
+        )
+        mark("clip")
+        self.optimizer.step()
+        self.step += 1
+        mark("adamw")
+        if ema_decay:
+            self.update_ema(ema_decay)
+        mark("average")
+
     def run(
         self,
         seed: int,
@@ -342,15 +365,7 @@ class Loop:
             for group, lr in zip(self.optimizer.param_groups, base_lr, strict=True):
                 group["lr"] = lr * scale
             loss = loss_fn(step_generator(seed, self.stage, self.step))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for m in self.modules.values() for p in m.parameters()], 1.0
-            )
-            self.optimizer.step()
-            self.step += 1
-            if ema_decay:
-                self.update_ema(ema_decay)
+            self.update(loss, ema_decay)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")  # .item() waits for the device
             self.on_step()
