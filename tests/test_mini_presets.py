@@ -31,7 +31,7 @@ SWEPT = {
     "esd": {"lr", "iterations"},
     "dynamic_mask": {"lr", "epochs"},
     "fia": {"r2", "alpha"},
-    "uce": {"lamb", "erase_scale"},
+    "uce": {"lamb", "erase_scale", "preserve_retain"},
     "scapre": {"erase_scale"},
 }
 # two closed-form methods, five runs in all: seconds on the tiny world
