@@ -7,11 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fia_bench import artifacts
 from fia_bench.cache import Cache, Damaged, read_sealed_json, stable_hash, write_sealed_json
 from fia_bench.guidance import Guidance
+
+if TYPE_CHECKING:
+    from fia_bench.api import Method
 
 
 def erase_key(
@@ -56,6 +59,21 @@ class Job:
     seed: int
     targets: tuple[str, ...]
     retain: tuple[str, ...]
+
+    def key(self, fingerprint: str, precision: str, task: str, plugin: type[Method]) -> str:
+        """The job's erase cache key on a model and task, for the plugin class it runs."""
+        return erase_key(
+            fingerprint,
+            precision,
+            self.method,
+            self.settings,
+            self.targets,
+            self.retain,
+            self.seed,
+            task,
+            plugin.input_fingerprint(self.settings),
+            plugin.version,
+        )
 
     def prefix(self, k: int) -> Job:
         """The job that erases only the first ``k`` targets and keeps the rest with the others,

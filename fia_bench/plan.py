@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from fia_bench.api import Task
 from fia_bench.cache import Cache, read_json, stable_hash
 from fia_bench.engine import Sampler
-from fia_bench.erasures import erase_key
+from fia_bench.erasures import Job
 from fia_bench.errors import FiaBenchError
 from fia_bench.guidance import ClassifierFree, Guidance
 from fia_bench.plugins import with_searchpath
@@ -423,28 +423,15 @@ class Planner:
         None for a cached failed edit (the runner generates nothing for it)."""
         fingerprint = model.stages.model.fingerprint if model.known else ""
         plugin = METHODS.get(name, "method=")
-
-        def key_of(erased: tuple[str, ...], kept: tuple[str, ...]) -> str:
-            return erase_key(
-                fingerprint,
-                job.precision,
-                name,
-                settings,
-                erased,
-                kept,
-                seed,
-                task.name,
-                plugin.input_fingerprint(settings),
-                plugin.version,
-            )
+        erasure = Job(name, settings, n, seed, targets, retain)
 
         def resumable(k: int) -> bool:
             """The first k targets' erasure is planned before this one, or stored whole."""
-            prefix = key_of(targets[:k], targets[k:] + retain)
+            prefix = erasure.prefix(k).key(fingerprint, job.precision, task.name, plugin)
             stored = model.stages.erasures.record(prefix) if model.known else None
             return prefix in self.erased or (stored is not None and stored["status"] == "ok")
 
-        key = key_of(targets, retain)
+        key = erasure.key(fingerprint, job.precision, task.name, plugin)
         # a damaged entry is recomputed: to do
         meta = model.stages.erasures.record(key) if model.known else None
         cached = meta is not None

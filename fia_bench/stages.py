@@ -31,7 +31,7 @@ from fia_bench.api import (
 )
 from fia_bench.cache import Cache, Damaged, read_sealed_json, stable_hash, write_sealed_json
 from fia_bench.engine import Engine
-from fia_bench.erasures import Erased, ErasureStore, Job, erase_key
+from fia_bench.erasures import Erased, ErasureStore, Job
 from fia_bench.images import ImageMaker, StageCounts, timed, unshared_cache
 from fia_bench.models import LoadedModel
 from fia_bench.registry import METHODS
@@ -99,19 +99,7 @@ class Stages:
         return erased
 
     def erase_key(self, job: Job, method: Method) -> str:
-        plugin = type(method)
-        return erase_key(
-            self.model.fingerprint,
-            self.precision,
-            job.method,
-            job.settings,
-            job.targets,
-            job.retain,
-            job.seed,
-            self.task.name,
-            plugin.input_fingerprint(job.settings),
-            plugin.version,
-        )
+        return job.key(self.model.fingerprint, self.precision, self.task.name, type(method))
 
     def cached_prefix(self, job: Job, method: Method) -> Erased | None:
         """The longest stored successful erasure of the job's first k < n targets, for a
