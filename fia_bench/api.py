@@ -61,7 +61,7 @@ class EraseRequest:
     ``task.superclasses`` maps concepts to their anchor concept where the task defines one.
     A sequential method may be handed weights that already carry the erasure of its first
     ``done`` targets (the cached erasure of a smaller concept count), with ``prior``, the info
-    that erasure returned; it erases the rest and reports all of them.
+    that erasure returned; it erases the rest (``pending``) and reports all of them.
     """
 
     targets: tuple[str, ...]
@@ -72,6 +72,11 @@ class EraseRequest:
     base_images: Callable[..., list[Image.Image]] = _no_base_images
     done: int = 0
     prior: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """The targets the weights do not carry yet: all of them unless resumed."""
+        return self.targets[self.done :]
 
 
 class Method:

@@ -558,7 +558,7 @@ class DynamicMask(Method):
         cached base-model generator (superclass images use the target's name as negative
         prompt)."""
         n, seeds = self.images_per_class, self.seeds()
-        targets = request.targets[request.done :]
+        targets = request.pending
         prompts: list[str] = []
         negatives: list[str] = []
         for concept in targets:
@@ -580,7 +580,7 @@ class DynamicMask(Method):
         vae = request.engine.pipe.vae
         batch = max(1, request.engine.sampler.batch_size)
         out = []
-        for concept in request.targets[request.done :]:
+        for concept in request.pending:
             superclass = self.superclass(request, concept)
             target_mean, target_std = encode_images(vae, images[concept][0], batch)
             anchor_mean, anchor_std = encode_images(vae, images[concept][1], batch)
