@@ -13,8 +13,8 @@ files that are not cached yet are counted from the recipe's ``limit``.
 
 GPU time = images to generate / the H100 generation rate for the job's precision, batch size and
 step count + the edits' and attacks' costs, from ``experiments/throughput_h100.yaml`` (spec
-performance.md), or from the measured rate in ``benchmarks/results/bench_sd_cuda.json`` when that
-file exists. Scoring is not included: the judges cost a small fraction of generation.
+performance.md); the batch size that ``benchmarks/results/bench_sd_cuda.json`` measured takes its
+measured rate when that file exists. Scoring is not included: the judges cost a small fraction of generation.
 """
 
 from __future__ import annotations
@@ -52,13 +52,19 @@ UNEDITED = "none"  # the registry name of the unedited model: its edit is empty 
 
 
 # ---- GPU-time figures --------------------------------------------------------------------------
+def steps_scale(measured: int, steps: int, tflop_per_step: float, tflop_decode: float) -> float:
+    """A rate measured at ``measured`` sampling steps, times this, is the rate at ``steps``:
+    an image costs its steps' UNet passes and one decode."""
+    return (measured * tflop_per_step + tflop_decode) / (steps * tflop_per_step + tflop_decode)
+
+
 @dataclass(frozen=True)
 class Rate:
     """Measured generation rates of one precision: images/s by batch size at ``steps`` steps."""
 
     steps: int
     by_batch: dict[int, float]
-    source: str
+    sources: dict[int, str]  # where each batch size's figure comes from
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,9 @@ class Throughput:
         rate = self.rates[precision]
         batch = max((b for b in rate.by_batch if b <= batch_size), default=min(rate.by_batch))
         measured = rate.by_batch[batch]
-        scale = (rate.steps * self.tflop_per_step + self.tflop_decode) / (
-            steps * self.tflop_per_step + self.tflop_decode
-        )
-        basis = (
-            f"from {measured:g} img/s measured at batch {batch}, {rate.steps} steps ({rate.source})"
-        )
+        scale = steps_scale(rate.steps, steps, self.tflop_per_step, self.tflop_decode)
+        source = rate.sources[batch]
+        basis = f"from {measured:g} img/s measured at batch {batch}, {rate.steps} steps ({source})"
         return measured * scale, basis
 
     def branch_share(self, steps: int) -> float:
@@ -123,12 +126,18 @@ BENCH_KEYS = ("engine_images_per_s", "steps", "batch_size", "precision")
 
 def load_throughput(figures: Path = THROUGHPUT_FILE, bench: Path = BENCH_FILE) -> Throughput:
     """The spec's H100 figures; a committed CUDA benchmark of our own engine replaces the rate of
-    the precision it measured (it timed what this harness actually does)."""
+    the precision and batch size it measured (it timed what this harness actually does), and the
+    spec's other batch sizes stay: one batch's rate says nothing of batch 1's."""
     data = yaml.safe_load(figures.read_text(encoding="utf-8"))
     gen = data["generation"]
     spec = f"{figures.name}: {data['source']}"
+    flops = float(gen["tflop_per_step"]), float(gen["tflop_decode"])
     rates = {
-        str(p): Rate(int(gen["steps"]), {int(b): float(r) for b, r in table.items()}, spec)
+        str(p): Rate(
+            int(gen["steps"]),
+            {int(b): float(r) for b, r in table.items()},
+            {int(b): spec for b in table},
+        )
         for p, table in gen["images_per_s"].items()
         if isinstance(table, dict)
     }
@@ -144,10 +153,15 @@ def load_throughput(figures: Path = THROUGHPUT_FILE, bench: Path = BENCH_FILE) -
                 f"{bench}: measured at {measured['resolution']} px; the projection needs "
                 f"{data['resolution']} px (re-run the CUDA benchmark at that resolution)"
             )
-        rates[str(measured["precision"])] = Rate(
-            int(measured["steps"]),
-            {int(measured["batch_size"]): float(measured["engine_images_per_s"])},
-            f"{bench.name} (our engine, measured)",
+        precision, batch = str(measured["precision"]), int(measured["batch_size"])
+        at_spec_steps = float(measured["engine_images_per_s"]) * steps_scale(
+            int(measured["steps"]), int(gen["steps"]), *flops
+        )
+        spec_rate = rates.get(precision, Rate(int(gen["steps"]), {}, {}))
+        rates[precision] = Rate(
+            spec_rate.steps,
+            spec_rate.by_batch | {batch: at_spec_steps},
+            spec_rate.sources | {batch: f"{bench.name}: our engine, measured"},
         )
     aliases = {str(p): str(a) for p, a in gen["images_per_s"].items() if isinstance(a, str)}
     rates |= {p: rates[a] for p, a in aliases.items()}
@@ -156,8 +170,8 @@ def load_throughput(figures: Path = THROUGHPUT_FILE, bench: Path = BENCH_FILE) -
         architecture=str(data["architecture"]),
         resolution=int(data["resolution"]),
         rates=rates,
-        tflop_per_step=float(gen["tflop_per_step"]),
-        tflop_decode=float(gen["tflop_decode"]),
+        tflop_per_step=flops[0],
+        tflop_decode=flops[1],
         erase={str(k): dict(v) for k, v in data["erase_seconds"].items()},
         attack_per_prompt={str(k): float(v) for k, v in data["attack_seconds_per_prompt"].items()},
         source=figures.name,

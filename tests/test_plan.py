@@ -80,14 +80,22 @@ def test_generation_rate_scales_with_steps_batch_and_precision(tmp_path: Path) -
         figures.erase_seconds("mystery", 1)
 
 
-def test_a_measured_benchmark_replaces_its_precision_only(tmp_path: Path) -> None:
+def test_a_measured_benchmark_replaces_its_precision_and_batch_only(tmp_path: Path) -> None:
     bench = tmp_path / "bench_sd_cuda.json"
     generation = {"engine_images_per_s": 5.0, "steps": 50, "batch_size": 32, "precision": "bf16"}
     bench.write_text(json.dumps({"generation": generation}))
     figures = load_throughput(bench=bench)
-    assert figures.generation_rate("bf16", 64, 50)[0] == 5.0
-    assert figures.generation_rate("fp16", 64, 50)[0] == 5.0  # fp16 follows bf16
+    rate, basis = figures.generation_rate("bf16", 48, 50)
+    assert rate == 5.0 and "bench_sd_cuda.json" in basis
+    assert "bench_sd_cuda.json" not in figures.generation_rate("bf16", 16, 50)[1]
+    assert figures.generation_rate("fp16", 48, 50)[0] == 5.0  # fp16 follows bf16
+    assert figures.generation_rate("bf16", 64, 50)[0] == pytest.approx(3.24)  # the spec's batch 64
+    assert figures.generation_rate("bf16", 1, 50)[0] == pytest.approx(0.57)
     assert figures.generation_rate("fp32", 5, 50)[0] == pytest.approx(0.64)
+    # measured at 25 steps, it enters the table as the rate it implies at the spec's 50
+    bench.write_text(json.dumps({"generation": generation | {"steps": 25}}))
+    figures = load_throughput(bench=bench)
+    assert figures.generation_rate("bf16", 32, 25)[0] == pytest.approx(5.0)
     bench.write_text(json.dumps({"generation": {"engine_images_per_s": 5.0}}))
     with pytest.raises(FiaBenchError, match="lacks steps, batch_size, precision"):
         load_throughput(bench=bench)
