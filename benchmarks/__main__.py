@@ -82,7 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sd-resolution", type=int, default=PROTOCOL["resolution"])
     p.add_argument("--naive-images", type=int, default=8, help="sd: images of the naive loop")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="sd engine and methods")
-    p.add_argument("--compile", action="store_true", help="sd: torch.compile the engine's UNet")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="sd: torch.compile the engine's UNet; mini-train: the generator's (make mini-world's)",
+    )
     p.add_argument("--train-steps", type=int, default=100, help="sd: ESD/Dynamic Mask steps timed")
     p.add_argument("--concepts", default="10,50", help="sd: the two UCE/ScaPre concept counts")
     p.add_argument(
@@ -500,7 +504,7 @@ def sd_markdown(result: dict[str, Any], protocol: dict[str, Any]) -> str:
 def mini_train(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     m = machine(args.device, args.command)
     log(f"timing the mini world's recipe, {args.stage_steps} and {2 * args.stage_steps} steps")
-    timing = miniworld_train.time_recipe(args.stage_steps, args.device)
+    timing = miniworld_train.time_recipe(args.stage_steps, args.device, compile_unet=args.compile)
     on_cuda = torch.device(args.device).type == "cuda"
     text = "\n".join(
         [

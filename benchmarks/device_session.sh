@@ -8,9 +8,11 @@
 #                                              # about 8 minutes on an H200, results in $OUT
 #
 # `run` measures, in order of what is least known, each step's output kept in $OUT even when a
-# later one fails: the compiled generator step (the mini world's build is host-bound, so
-# CUDA graphs are its lever), then the SD-scale benchmark (engine vs naive loop, method edit
-# times, projected GPU-hours).
+# later one fails: the compiled generator step with the fused AdamW that `Loop` now uses on a GPU
+# (the mini world's build is host-bound, so launches are its lever), then the whole build
+# projected with `--compile` (`--scale mini-train`), the number that says whether the mini world
+# can be retrained within a lent session's minutes. The SD-scale benchmark was committed from the
+# session of 2026-12-04 (benchmarks/results/bench_sd_cuda.md).
 set -u -o pipefail
 
 WHEELS=(
@@ -37,8 +39,8 @@ run)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
   timeout 150 python3 -m benchmarks.generator_step --device cuda --steps 50 --compile \
     --out "$OUT/generator_step_compiled.json" 2>&1 | tee "$OUT/generator_step.log"
-  timeout 330 python3 -m benchmarks --scale sd --device cuda --out "$OUT" 2>&1 |
-    tee "$OUT/bench_sd.log"
+  timeout 330 python3 -m benchmarks --scale mini-train --device cuda --stage-steps 50 --compile \
+    --out "$OUT" 2>&1 | tee "$OUT/bench_mini_train.log"
   ;;
 *)
   echo "usage: bash benchmarks/device_session.sh wheels|run" >&2

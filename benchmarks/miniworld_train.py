@@ -35,25 +35,31 @@ def shortened(full: dict[str, Any], steps: int) -> dict[str, Any]:
     return short
 
 
-def run_build(build: Path, r: dict[str, Any], device: str) -> Builder:
+def run_build(build: Path, r: dict[str, Any], device: str, compile_unet: bool = False) -> Builder:
     """One complete build of recipe ``r``; its ``times.json`` and step clock are then read."""
     path = build.parent / f"{build.name}.yaml"
     path.write_text(yaml.safe_dump(r), encoding="utf-8")
-    builder = Builder(build, out=build / "exported", recipe_path=path, device=device)
+    builder = Builder(
+        build, out=build / "exported", recipe_path=path, device=device, compile_unet=compile_unet
+    )
     if not builder.run(["data", *trained_stages(r), "export"]):
         raise FiaBenchError(f"the timing build {build} stopped before its end")
     return builder
 
 
 def time_recipe(
-    steps: int, device: str, recipe_path: Path | None = None, work: Path | None = None
+    steps: int,
+    device: str,
+    recipe_path: Path | None = None,
+    work: Path | None = None,
+    compile_unet: bool = False,
 ) -> dict[str, Any]:
     if steps < 1:
         raise FiaBenchError(f"--stage-steps must be a positive number of steps, got {steps}")
     full = recipe(recipe_path)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         build = Path(tmp) / "build"
-        builder = run_build(build, shortened(full, 2 * steps), device)
+        builder = run_build(build, shortened(full, 2 * steps), device, compile_unet)
         seconds = builder.ledger.training()["seconds"]
     stages = []
     for stage in trained_stages(full):
@@ -80,6 +86,7 @@ def time_recipe(
     rows = [once("data"), *stages, once("export")]
     return {
         "stage_steps": steps,
+        "compiled_generator": compile_unet,
         "stages": rows,
         "projected_minutes": sum(r["projected_s"] for r in rows) / 60,
         "noisy": [r["stage"] for r in stages if too_noisy(r, steps)],
@@ -100,6 +107,9 @@ def shipped_build() -> dict[str, Any]:
     projection beside on the same kind of device."""
     path = weights_dir() / "training.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+COMPILED = "The generator's UNet ran through `torch.compile` (`--compile`)."
 
 
 def markdown(result: dict[str, Any], on_cuda: bool) -> list[str]:
@@ -133,7 +143,8 @@ def markdown(result: dict[str, Any], on_cuda: bool) -> list[str]:
         "rest of the stage's time (model set-up, the first steps' warm-up, the VAE's encoding "
         "pass, saving). Rendering and export ran once at the recipe's size. The last column is "
         "what the shipped weights' build recorded (`training.json`, summed over its chunks, at "
-        "whatever load its machine had).",
+        "whatever load its machine had). "
+        + (COMPILED if result["compiled_generator"] else "The generator's UNet ran eagerly."),
         "",
         markdown_table(
             [

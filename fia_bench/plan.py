@@ -14,7 +14,8 @@ files that are not cached yet are counted from the recipe's ``limit``.
 GPU time = images to generate / the H100 generation rate for the job's precision, batch size and
 step count + the edits' and attacks' costs, from ``experiments/throughput_h100.yaml`` (spec
 performance.md); the batch size that ``benchmarks/results/bench_sd_cuda.json`` measured takes its
-measured rate when that file exists. Scoring is not included: the judges cost a small fraction of generation.
+measured rate when that file exists. Scoring is not included: the judges cost a small fraction
+of generation.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from tiny import tiny_engine, toy_recipe
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld import probe, text_rows
+from fia_bench.miniworld import probe, text_rows, train
 from fia_bench.miniworld.judges import detect_hazards, load_classifier
 from fia_bench.miniworld.train import (
     TRAINED,
@@ -375,6 +375,38 @@ def test_a_finished_build_resumes_into_an_added_cycle(toy_world: tuple[Path, Pat
     assert resumed.keys() == scratch.keys()
     for name, tensor in scratch.items():
         assert torch.equal(tensor, resumed[name]), name
+
+
+def test_a_generator_trained_through_torch_compile_saves_the_eager_weights(
+    toy_world: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compile`` trains the UNet through a compiled wrapper that shares its parameters: the
+    checkpoint and the final weights keep the module's own names (no ``_orig_mod.``) and, with
+    a backend that runs the traced graph as is, equal an eager build's bit for bit."""
+    root, path, _ = toy_world
+    wrapped: list[torch.nn.Module] = []
+
+    def traced(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        wrapped.append(module)
+        return torch.compile(module, backend="eager")
+
+    monkeypatch.setattr(train, "compiled", traced)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    build = root / "compiled"
+    build.mkdir()
+    for name in ("data.npz", "latents.safetensors", "vae.safetensors", "recon.npz"):
+        (build / name).write_bytes((root / "build" / name).read_bytes())
+    (build / "done.json").write_text('["data", "vae"]')
+    builder = Builder(build, out=root / "unused", recipe_path=path, compile_unet=True)
+    assert builder.run(["generator"])
+    assert len(wrapped) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    for name in ("generator.safetensors", "generator.state.safetensors"):
+        eager = load_tensors(root / "build" / name)[0]
+        through_compile = load_tensors(build / name)[0]
+        assert eager.keys() == through_compile.keys(), name
+        for key, tensor in eager.items():
+            assert torch.equal(tensor, through_compile[key]), (name, key)
 
 
 def test_shipped_judges_reproduce_the_model_card() -> None:

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="where to export (default: the package's miniworld/weights)",
     )
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        help="train the generator's UNet through torch.compile (CUDA graphs on a GPU)",
+    )
     card = sub.add_parser("evaluate", help="measure the model card of the shipped mini world")
     card.add_argument("--out", type=Path, default=Path("docs/mini_world_card.json"))
     card.add_argument(
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             max_minutes=args.max_minutes,
             max_steps=args.max_steps,
             device=args.device,
+            compile_unet=args.compile,
         ).run(args.stages)
         print("[mini-world] done" if finished else "[mini-world] paused")
     elif args.command == "judges":
