@@ -39,7 +39,7 @@ def generator_step(
     """One training step of the generator stage as a function of a phase marker; with
     ``compile_unet``, through the build's ``compiled`` (CUDA graphs on a GPU)."""
     builder = Builder(work, recipe_path=recipe_path, device=device)
-    r, tokenizer = builder.r, builder.tokenizer()
+    r, tokenizer = builder.r, builder.tokenizer
     unet = build_unet(r).to(device)
     text_encoder = build_text_encoder(r, tokenizer).to(device).eval().requires_grad_(False)
     cfg = r["generator"]

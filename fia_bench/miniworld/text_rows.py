@@ -92,7 +92,7 @@ def measure(
         if not (build / "text.safetensors").is_file():
             raise FiaBenchError(f"{build}: no finished text stage (text.safetensors)")
         builder = Builder(build, recipe_path=recipe_path)
-        tokenizer = builder.tokenizer()
+        tokenizer = builder.tokenizer
         text_encoder = builder.frozen_text_encoder()
         if text_encoder is None:
             raise FiaBenchError(

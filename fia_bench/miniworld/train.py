@@ -9,6 +9,7 @@ in fp16 to keep the repository small."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -810,7 +811,7 @@ class Builder:
         if cfg is None:
             return True
         judge = self.clip_judge()
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer
         text_encoder = build_text_encoder(self.r, tokenizer).to(self.device)
         width = self.r["text_encoder"]["hidden_size"]
         projection = nn.Linear(width, self.r["clip"]["embed_dim"], bias=False).to(self.device)
@@ -856,15 +857,17 @@ class Builder:
         model.load_state_dict({k: v.float() for k, v in state.items()})
         return model.to(self.device).eval().requires_grad_(False)
 
+    @functools.cached_property
     def tokenizer(self) -> Any:
-        """The world's word tokenizer, which the generator's text encoder reads."""
+        """The world's word tokenizer, which the generator's text encoder reads: one per build,
+        which the text, generator and export stages share."""
         return word_tokenizer(vocabulary(self.world), self.r["tokenizer_max_length"])
 
     def frozen_text_encoder(self) -> nn.Module | None:
         """The text stage's encoder, frozen; None when the recipe trains it with the UNet."""
         if self.r.get("text") is None:
             return None
-        text_encoder = build_text_encoder(self.r, self.tokenizer())
+        text_encoder = build_text_encoder(self.r, self.tokenizer)
         text_encoder.load_state_dict(
             nest(load_tensors(self.build / "text.safetensors")[0], "final")["text_encoder"]
         )
@@ -872,7 +875,7 @@ class Builder:
 
     def stage_generator(self) -> bool:
         cfg = self.r["generator"]
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer
         frozen = self.frozen_text_encoder()
         unet = build_unet(self.r).to(self.device)
         if frozen is None:
@@ -935,7 +938,7 @@ class Builder:
         sibling folder first: the shipped weights are replaced only once the new ones are whole."""
         import shutil
 
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer
         vae = build_vae(self.r, scaling_factor=self.scaling_factor())
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
         trained = nest(load_tensors(self.build / "generator.safetensors")[0], "final")
@@ -967,7 +970,7 @@ class Builder:
     def current_pipeline(self) -> Any:
         """The pipeline as the build stands: the VAE, and the generator's latest checkpoint
         (its EMA weights, as the export would take them), to measure an early generator."""
-        tokenizer = self.tokenizer()
+        tokenizer = self.tokenizer
         vae = build_vae(self.r, scaling_factor=self.scaling_factor())
         vae.load_state_dict(load_tensors(self.build / "vae.safetensors")[0])
         unet = build_unet(self.r)
