@@ -374,7 +374,13 @@ def sd(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         sampler_batch=batch or 32,
     )
     log(f"naive {gen['naive_images_per_s']:.3g} img/s, engine {gen['engine_images_per_s']:.3g}")
-    timing = erasure.time_methods(engine, args.train_steps, counts, overrides, log)
+    partial = result_stem(args).with_suffix(".partial.json")
+
+    def keep(methods: dict[str, Any]) -> None:
+        write_json(partial, {"scale": "sd", "machine": m, "generation": gen, "methods": methods})
+
+    keep({})
+    timing = erasure.time_methods(engine, args.train_steps, counts, overrides, log, keep)
     lengths = projection.training_lengths()
     rates = {"naive": gen["naive_images_per_s"], "engine": gen["engine_images_per_s"]}
     rows = projection.project(protocol, rates, timing, lengths)
@@ -384,6 +390,7 @@ def sd(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         and (args.sd_resolution, args.sd_steps) == (PROTOCOL["resolution"], PROTOCOL["steps"])
     )
     checks = targets(protocol, gen, timing, comparable)
+    partial.unlink()  # the whole result replaces it
     result = {
         "scale": "sd",
         "machine": m,
@@ -515,6 +522,13 @@ def mini_train(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"scale": "mini-train", "machine": m, **timing}, text
 
 
+def result_stem(args: argparse.Namespace) -> Path:
+    """``<out>/bench_<device>`` (tiny) or ``<out>/bench_<scale>_<device>``."""
+    kind = torch.device(args.device).type
+    prefix = "bench" if args.scale == "tiny" else f"bench_{args.scale.replace('-', '_')}"
+    return args.out / f"{prefix}_{kind}"
+
+
 def log(line: str) -> None:
     print(f"[bench] {line}", flush=True)
 
@@ -532,9 +546,7 @@ def main(argv: list[str] | None = None) -> None:
             result, text = small_world(args, args.scale)
     except FiaBenchError as err:
         raise SystemExit(f"error: {err}") from None
-    kind = torch.device(args.device).type
-    prefix = "bench" if args.scale == "tiny" else f"bench_{args.scale.replace('-', '_')}"
-    stem = args.out / f"{prefix}_{kind}"
+    stem = result_stem(args)
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".md"), text)
     print(text)

@@ -86,15 +86,18 @@ def time_methods(
     concept_counts: tuple[int, int],
     overrides: dict[str, dict[str, Any]],
     log: Callable[[str], None],
+    keep: Callable[[dict[str, Any]], None] = lambda figures: None,
 ) -> dict[str, Any]:
     """FIA per concept, UCE and ScaPre for two concept counts (10 and 50 at paper scale), ESD
     and Dynamic Mask per step (timed over ``train_steps``). ``overrides`` maps a method to
     settings that replace its shipped ones (CPU-sized runs shrink FIA's saliency pass and ESD's
-    sampler with them)."""
+    sampler with them). ``keep`` is handed the figures so far after each method: a run cut short
+    (a lent GPU's minutes running out) still leaves what it measured."""
     out: dict[str, Any] = {"train_steps": train_steps, "overrides": overrides}
     seconds, _, _ = erase("fia", engine, "objects", 1, overrides.get("fia", {}))
     out["fia_s_per_concept"] = seconds
     log(f"fia: {seconds:.2f} s for one concept")
+    keep(out)
     for name in ("uce", "scapre"):
         erase(name, engine, "objects50", 1, overrides.get(name, {}))  # untimed: first-call costs
         out[f"{name}_s"] = {}
@@ -102,11 +105,13 @@ def time_methods(
             seconds, _, _ = erase(name, engine, "objects50", n, overrides.get(name, {}))
             out[f"{name}_s"][str(n)] = seconds
             log(f"{name}: {seconds:.2f} s for {n} concepts")
+        keep(out)
     esd = overrides.get("esd", {}) | {"iterations": train_steps}
     seconds, info, _ = erase("esd", engine, "objects", 1, esd)
     out["esd_s_per_step"] = seconds / train_steps
     out["esd_train_set"] = info["train"]
     log(f"esd ({info['train']}): {seconds:.2f} s for {train_steps} steps")
+    keep(out)
     mask = overrides.get("dynamic_mask", {}) | dynamic_mask_shape(train_steps) | {"progress": False}
     seconds, info, making = erase("dynamic_mask", engine, "objects", 1, mask)
     steps = sum(c["steps"] for c in info["concepts"])

@@ -3,6 +3,7 @@ code paths end to end at tiny scale."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -134,7 +135,14 @@ def test_method_timings_through_the_plugins() -> None:
         "dynamic_mask": {},
     }
     lines: list[str] = []
-    timing = erasure.time_methods(tiny_engine(), 3, (1, 2), small, lines.append)
+    kept: list[list[str]] = []  # the figures handed over after each method, as they stood
+
+    def keep(figures: dict[str, object]) -> None:
+        kept.append(list(figures))
+
+    timing = erasure.time_methods(tiny_engine(), 3, (1, 2), small, lines.append, keep)
+    assert [k[-1] for k in kept] == ["fia_s_per_concept", "uce_s", "scapre_s", "esd_train_set"]
+    assert all(set(a) < set(b) < set(timing) for a, b in itertools.pairwise(kept))
     assert set(timing["uce_s"]) == set(timing["scapre_s"]) == {"1", "2"}
     assert timing["esd_train_set"] == "esd-x"
     assert timing["dynamic_mask_training_images_s"] > 0
