@@ -390,7 +390,6 @@ def sd(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         and (args.sd_resolution, args.sd_steps) == (PROTOCOL["resolution"], PROTOCOL["steps"])
     )
     checks = targets(protocol, gen, timing, comparable)
-    partial.unlink()  # the whole result replaces it
     result = {
         "scale": "sd",
         "machine": m,
@@ -549,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = result_stem(args)
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".md"), text)
+    stem.with_suffix(".partial.json").unlink(missing_ok=True)  # the whole result replaces it
     print(text)
 
 
