@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from fia_bench.miniworld.train import Builder, Loop, build_text_encoder, build_unet, compiled
+from fia_bench.miniworld.loop import Loop, compiled
+from fia_bench.miniworld.nets import build_text_encoder, build_unet
+from fia_bench.miniworld.state import BuildState
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")
 PHASES = ("to_device", "forward", "backward", "clip", "adamw", "average", "loss_item")
@@ -38,7 +40,7 @@ def generator_step(
 ) -> tuple[Callable[[Callable[[str], None]], None], dict[str, Any]]:
     """One training step of the generator stage as a function of a phase marker; with
     ``compile_unet``, through the build's ``compiled`` (CUDA graphs on a GPU)."""
-    builder = Builder(work, recipe_path=recipe_path, device=device)
+    builder = BuildState(work, recipe_path=recipe_path, device=device)
     r, tokenizer = builder.r, builder.tokenizer
     unet = build_unet(r).to(device)
     text_encoder = build_text_encoder(r, tokenizer).to(device).eval().requires_grad_(False)

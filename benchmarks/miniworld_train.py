@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import Builder, cycles_of, recipe, trained_stages, weights_dir
+from fia_bench.miniworld.build_files import recipe, trained_stages, weights_dir
+from fia_bench.miniworld.loop import cycles_of
+from fia_bench.miniworld.train import Builder
 from fia_bench.report import markdown_table
 
 BUDGET_MINUTES = 20.0  # issue 4: the whole world on one H100

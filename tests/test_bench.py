@@ -15,7 +15,8 @@ from tiny import tiny_engine, toy_recipe
 from benchmarks import erasure, generation, miniworld_train, projection
 from benchmarks.__main__ import concept_counts, main, method_overrides
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import TRAINED, cycles_of, recipe, weights_dir
+from fia_bench.miniworld.build_files import TRAINED, recipe, weights_dir
+from fia_bench.miniworld.loop import cycles_of
 
 PROTOCOL = projection.load_protocol()
 METHODS = ["fia", "uce", "esd", "scapre", "dynamic_mask"]

@@ -17,22 +17,22 @@ from tiny import tiny_engine, toy_recipe
 from fia_bench.backbones import load_clip
 from fia_bench.engine import Engine, Sampler
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld import probe, text_rows, train
-from fia_bench.miniworld.judges import detect_hazards, load_classifier
-from fia_bench.miniworld.train import (
+from fia_bench.miniworld import probe, text_rows
+from fia_bench.miniworld.build_files import (
+    SEEDED,
+    STAGES,
     TRAINED,
-    Builder,
-    Loop,
-    build_text_encoder,
-    build_unet,
     load_tensors,
-    lr_scale,
     nest,
     recipe,
-    render_set,
     trained_stages,
-    training_pool,
 )
+from fia_bench.miniworld.judges import detect_hazards, load_classifier
+from fia_bench.miniworld.loop import Loop, lr_scale
+from fia_bench.miniworld.nets import build_text_encoder, build_unet
+from fia_bench.miniworld.renders import render_set, training_pool
+from fia_bench.miniworld.stages import generator as generator_stage
+from fia_bench.miniworld.train import STAGE_FUNCTIONS, Builder
 from fia_bench.models import load_model
 from fia_bench.tasks import world_vocabulary
 
@@ -291,6 +291,13 @@ def test_a_build_carried_with_its_small_files_alone_resumes_identically(
     assert all(np.array_equal(original[k], rebuilt[k]) for k in original)
 
 
+def test_every_stage_runs_one_function_in_the_seeding_order() -> None:
+    """The builder runs each stage of ``STAGES`` through its own function, and a stage's step
+    generator is seeded by its place there, so the two lists must name the same stages."""
+    assert tuple(STAGE_FUNCTIONS) == STAGES
+    assert set(SEEDED) <= set(STAGES)
+
+
 def test_a_text_encoder_trained_apart_stays_frozen_through_the_generator_and_export(
     toy_world: tuple[Path, Path, Path],
 ) -> None:
@@ -390,7 +397,7 @@ def test_a_generator_trained_through_torch_compile_saves_the_eager_weights(
         wrapped.append(module)
         return torch.compile(module, backend="eager")
 
-    monkeypatch.setattr(train, "compiled", traced)
+    monkeypatch.setattr(generator_stage, "compiled", traced)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     build = root / "compiled"

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from fia_bench.engine import Engine, Sampler
-from fia_bench.miniworld.train import recipe
+from fia_bench.miniworld.build_files import recipe
 from fia_bench.models import random_pipeline
 from fia_bench.tasks import world_vocabulary
 

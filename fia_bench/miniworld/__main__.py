@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fia_bench.miniworld.train import STAGES, Builder
+from fia_bench.miniworld.build_files import STAGES
+from fia_bench.miniworld.train import Builder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             args.out.write_text(text + "\n", encoding="utf-8")
         print(text)
     else:
+        from fia_bench.miniworld.build_files import weights_dir
         from fia_bench.miniworld.card import measure, write_card
-        from fia_bench.miniworld.train import weights_dir
 
         result = measure(
             args.images_per_prompt,

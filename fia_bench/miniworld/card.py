@@ -154,9 +154,11 @@ def build_upstream(build: Path, recipe_path: Path | None = None) -> dict[str, fl
     """A build's VAE and judges as they stand, measured as the card measures the shipped ones
     but on held-out renders of the build's own world (its first 50 shapes, all its styles):
     what is known of a build before its generator is paid for."""
-    from fia_bench.miniworld.train import Builder, build_vae, load_tensors
+    from fia_bench.miniworld.build_files import load_tensors
+    from fia_bench.miniworld.nets import build_vae
+    from fia_bench.miniworld.state import BuildState
 
-    builder = Builder(build, recipe_path=recipe_path)
+    builder = BuildState(build, recipe_path=recipe_path)
     size = int(builder.r["resolution"])
     w = world(builder.world)
     card: dict[str, float] = {}
@@ -403,9 +405,9 @@ def sublayers(
         pipe, clip = model.pipe, load_clip(dict(model.judges["clip"]), "cpu")
         names = list(load_task("objects", "mini").concepts)
     else:
-        from fia_bench.miniworld.train import Builder
+        from fia_bench.miniworld.state import BuildState
 
-        builder = Builder(build, recipe_path=recipe_path)
+        builder = BuildState(build, recipe_path=recipe_path)
         pipe = builder.current_pipeline()
         clip = load_clip({"arch": f"local-dir:{build / 'export' / 'clip'}"}, "cpu")
         # the recipe's world lists its task objects first (datasets/data/<world>.yaml)
@@ -483,11 +485,11 @@ def uce_on_build(
     overrides = list(overrides or [])
     if build is None:
         return uce_single_object(images_per_prompt, overrides)
-    from fia_bench.miniworld.train import Builder
+    from fia_bench.miniworld.state import BuildState
 
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = Path(tmp) / "pipeline"
-        Builder(build, recipe_path=recipe_path).current_pipeline().save_pretrained(pipeline)
+        BuildState(build, recipe_path=recipe_path).current_pipeline().save_pretrained(pipeline)
         export = build / "export"
         return uce_single_object(
             images_per_prompt,

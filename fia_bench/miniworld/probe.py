@@ -28,7 +28,10 @@ import torch
 import yaml
 
 from fia_bench.errors import FiaBenchError
-from fia_bench.miniworld.train import Builder, Ledger, cycles_of, load_tensors, recipe
+from fia_bench.miniworld.build_files import Ledger, load_tensors, recipe
+from fia_bench.miniworld.loop import cycles_of
+from fia_bench.miniworld.state import BuildState
+from fia_bench.miniworld.train import Builder
 
 GENERATOR_KEYS = ("unet", "text_encoder", "text", "generator")
 UPSTREAM = ("data", "vae", "classifier", "clip")
@@ -131,7 +134,7 @@ def prepare(base_build: Path, root: Path, name: str, r: dict[str, Any]) -> tuple
     return build, path
 
 
-def unet_mflops(builder: Builder) -> float:
+def unet_mflops(builder: BuildState) -> float:
     """Inference cost: MFLOP of one guided UNet call (prompt and empty prompt) on one image."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -151,7 +154,7 @@ def grid(build: Path, recipe_path: Path, objects: int | None, device: str, out: 
     from fia_bench.engine import Engine, Sampler
     from fia_bench.miniworld.card import TASK_OBJECTS
 
-    builder = Builder(build, recipe_path=recipe_path)
+    builder = BuildState(build, recipe_path=recipe_path)
     cfg = fia_bench.compose(["model=mini"])
     engine = Engine(
         builder.current_pipeline().to(device),
@@ -186,7 +189,7 @@ def measure(
         "finished": "generator" in ledger.done(),
         "train_seconds": round(training["seconds"].get("generator", 0.0), 1),
         "devices": training["devices"].get("generator"),
-        "unet_mflops": round(unet_mflops(Builder(build, recipe_path=recipe_path)), 1),
+        "unet_mflops": round(unet_mflops(BuildState(build, recipe_path=recipe_path)), 1),
     }
     row |= sublayers(build, images_per_prompt, objects, recipe_path, device)
     grid(build, recipe_path, objects, device, out / f"grid_{name}.png")

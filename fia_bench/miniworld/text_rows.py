@@ -84,14 +84,15 @@ def measure(
     """``row_similarity`` over the objects task of a pipeline folder's text encoder (default:
     the shipped mini world's), of an open_clip folder's text tower, or of the encoder a build's
     text stage trained (before any generator is trained on it)."""
-    from fia_bench.miniworld.train import Builder, weights_dir
+    from fia_bench.miniworld.build_files import weights_dir
+    from fia_bench.miniworld.state import BuildState
     from fia_bench.tasks import load_task
 
     objects = list(load_task("objects", "mini").concepts)
     if build is not None:
         if not (build / "text.safetensors").is_file():
             raise FiaBenchError(f"{build}: no finished text stage (text.safetensors)")
-        builder = Builder(build, recipe_path=recipe_path)
+        builder = BuildState(build, recipe_path=recipe_path)
         tokenizer = builder.tokenizer
         text_encoder = builder.frozen_text_encoder()
         if text_encoder is None:
