@@ -84,9 +84,11 @@ def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
     """Render a table cell; a missing std means a single seed, so no spread is claimed."""
     if mean is None or pd.isna(mean):
         return "—"
+    # + 0.0 turns a rounded -0.0 (an FID of a set against itself, -1e-9) into 0.0
+    shown = f"{round(mean, digits) + 0.0:.{digits}f}"
     if std is None or pd.isna(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return shown
+    return f"{shown} ± {std:.{digits}f}"
 
 
 def paired_units(records: pd.DataFrame) -> pd.DataFrame:

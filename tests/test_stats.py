@@ -131,6 +131,9 @@ def test_summarize_rejects_inconsistent_direction():
 def test_format_mean_std():
     assert stats.format_mean_std(12.3449, 1.2) == "12.34 ± 1.20"
     assert stats.format_mean_std(12.3449, float("nan")) == "12.34"
+    assert stats.format_mean_std(-1e-9, float("nan")) == "0.00"  # no "-0.00"
+    assert stats.format_mean_std(-0.004, 0.001) == "0.00 ± 0.00"
+    assert stats.format_mean_std(-0.006, 0.001) == "-0.01 ± 0.00"
     assert stats.format_mean_std(float("nan"), 1.0) == "—"
     assert stats.format_mean_std(0.5, 0.25, digits=3) == "0.500 ± 0.250"
 
