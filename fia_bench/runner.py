@@ -56,21 +56,17 @@ def resolve_seeds(value: Any) -> list[int]:
 def resolve_splits(
     cfg: DictConfig, task: Task
 ) -> list[tuple[int, tuple[str, ...], tuple[str, ...]]]:
-    """(n_concepts, targets, retain) for each requested concept count, in the task's order."""
+    """(n_concepts, targets, retain) for each requested concept count, in the task's order.
+    ``retain=[...]`` narrows every count's retain set to the listed concepts it does not erase."""
+    kept = task_concepts(cfg.get("retain"), task, "retain")
     if cfg.get("concepts"):
-        targets = tuple(str(c) for c in cfg.concepts)
-        for concept in targets:
-            if concept not in task.concepts:
-                raise unknown_choice(
-                    f"concept for task '{task.name}' of world '{task.world}'",
-                    concept,
-                    task.concepts,
-                    "concepts=",
-                )
-        if len(set(targets)) != len(targets):
-            raise FiaBenchError(f"concepts={list(targets)}: a concept is listed twice")
-        retain = tuple(c for c in task.concepts if c not in targets)
-        return [(len(targets), targets, retain)]
+        targets = task_concepts(cfg.concepts, task, "concepts")
+        if kept is not None and set(kept) & set(targets):
+            raise FiaBenchError(
+                f"retain={list(kept)}: {sorted(set(kept) & set(targets))} also in concepts=; "
+                "a concept is either erased or retained"
+            )
+        return [(len(targets), targets, narrowed(task, targets, kept))]
     raw = cfg.n_concepts
     counts = [raw] if isinstance(raw, int) else list(raw or [])
     if not counts:
@@ -82,9 +78,32 @@ def resolve_splits(
                 f"n_concepts={n}: task '{task.name}' of world '{task.world}' "
                 f"has {len(task.concepts)} concepts; use 1..{len(task.concepts)}"
             )
-        targets, retain = task.split(n)
-        splits.append((n, targets, retain))
+        targets, _ = task.split(n)
+        splits.append((n, targets, narrowed(task, targets, kept)))
     return splits
+
+
+def task_concepts(listed: Any, task: Task, key: str) -> tuple[str, ...] | None:
+    """``concepts=`` or ``retain=`` checked against the task: each a concept of it, none twice."""
+    if not listed:
+        return None
+    concepts = tuple(str(c) for c in listed)
+    for concept in concepts:
+        if concept not in task.concepts:
+            raise unknown_choice(
+                f"concept for task '{task.name}' of world '{task.world}'",
+                concept,
+                task.concepts,
+                f"{key}=",
+            )
+    if len(set(concepts)) != len(concepts):
+        raise FiaBenchError(f"{key}={list(concepts)}: a concept is listed twice")
+    return concepts
+
+
+def narrowed(task: Task, targets: tuple[str, ...], kept: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The task's concepts not erased, in the task's order; only ``kept`` ones when given."""
+    return tuple(c for c in task.concepts if c not in targets and (kept is None or c in kept))
 
 
 def build_dataset(node: DictConfig, where: str, cache: Cache) -> PromptDataset:

@@ -27,6 +27,7 @@ TOP = Schema(
     seeds=Either(Int(ge=1, le=MAX_SEEDS), Items(Int(ge=0, lt=2**32), min_items=1)),
     n_concepts=Either(Int(ge=1), Items(Int(ge=1), min_items=1)),
     concepts=Items(Text(), min_items=1, null=True),
+    retain=Items(Text(), min_items=1, null=True),
     reference=Text(),
     seed_policy=Choice(*SEED_POLICIES),
     device=Text(),

@@ -424,7 +424,7 @@ def test_ambiguous_rows_and_foreign_runs_are_one_line_errors(tmp_path: Path) -> 
 def test_a_recipe_sweep_and_its_report_from_the_command_line(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    smoke = ["model=tiny_random", "seeds=2", "concepts=null", "n_concepts=5", *FAST]
+    smoke = ["model=tiny_random", "seeds=2", "concepts=null", "retain=null", "n_concepts=5", *FAST]
     monkeypatch.chdir(tmp_path)
     argv = ["fia_bench", "-m", "experiment=mini/fia/table2", "+experiment/arm=uce", *smoke]
     monkeypatch.setattr(sys, "argv", argv)

@@ -128,3 +128,28 @@ def test_detector_alias_beside_its_evaluator_is_refused() -> None:
     cfg = fia_bench.compose(["model=mini", "evaluator=[detector,hazard_detector]"])
     with pytest.raises(FiaBenchError, match="selects both detector and hazard_detector"):
         selected_evaluators(cfg)
+
+
+def test_retain_narrows_every_counts_retain_set_to_the_listed_concepts_not_erased() -> None:
+    """``retain=[...]`` keeps the task's order and drops what a count erases; unset, every
+    concept not erased is retained, as before."""
+    from fia_bench.runner import resolve_splits
+
+    task = load_task("objects", "mini")
+    kept = [task.concepts[7], task.concepts[2], task.concepts[12]]
+    cfg = fia_bench.compose(["model=mini", "n_concepts=[1,5]", f"retain=[{','.join(kept)}]"])
+    splits = resolve_splits(cfg, task)
+    assert [(n, targets) for n, targets, _ in splits] == [
+        (1, task.concepts[:1]),
+        (5, task.concepts[:5]),
+    ]
+    assert [retain for *_, retain in splits] == [
+        (task.concepts[2], task.concepts[7], task.concepts[12]),
+        (task.concepts[7], task.concepts[12]),
+    ]
+    explicit = fia_bench.compose(
+        ["model=mini", f"concepts=[{task.concepts[3]}]", f"retain=[{task.concepts[9]}]"]
+    )
+    assert resolve_splits(explicit, task) == [(1, (task.concepts[3],), (task.concepts[9],))]
+    unset = resolve_splits(fia_bench.compose(["model=mini", "n_concepts=2"]), task)
+    assert unset == [(2, task.concepts[:2], task.concepts[2:])]

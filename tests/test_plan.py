@@ -126,7 +126,13 @@ def test_dry_run_of_fia_table1_on_sd15_projects_gpu_hours(cache_dir: Path) -> No
 def test_cli_dry_run_prints_the_plan_and_does_nothing(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    mini = ["experiment=mini/fia/table2", "model=tiny_random", "concepts=null", "n_concepts=5"]
+    mini = [
+        "experiment=mini/fia/table2",
+        "model=tiny_random",
+        "concepts=null",
+        "retain=null",
+        "n_concepts=5",
+    ]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["fia_bench", *mini, *FAST, "--dry-run"])
     main()
