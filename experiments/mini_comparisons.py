@@ -11,6 +11,7 @@ cached, so an interrupted call resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -61,15 +62,24 @@ def run_recipe(name: str, budgets: dict[str, Any]) -> dict[str, Any]:
         label = job_label(index, overrides[1:])
         start = time.perf_counter()
         fia_bench.run([*overrides, *extra], out_dir=str(RUNS / name / label))
+        manifest = json.loads((RUNS / name / label / "manifest.json").read_text("utf-8"))
         done.append(
             {
                 "job": label,
                 "overrides": overrides[1:],
                 "cpu_budget": extra,
                 "seconds": round(time.perf_counter() - start, 1),
+                "counts": manifest["counts"],
             }
         )
     return {"recipe": name, "jobs": done}
+
+
+def work_done(counts: dict[str, Any]) -> str:
+    """What a job made in this call and what it took from the cache: a short wall time beside
+    nothing made is a rerun of cached work, not the job's cost."""
+    made = f"{counts['erased']} edits, {counts['images_generated']:,} images"
+    return f"{made} ({counts['erase_cached']} edits, {counts['images_cached']:,} images cached)"
 
 
 def preface(run: dict[str, Any]) -> str:
@@ -77,16 +87,19 @@ def preface(run: dict[str, Any]) -> str:
         f"<!-- written by `python experiments/mini_comparisons.py {run['recipe']}` "
         "(make comparisons-mini) -->",
         "",
-        "| job | overrides | CPU budget (mini_cpu_budgets.yaml) | wall time |",
-        "|---|---|---|---|",
+        "| job | overrides | CPU budget (mini_cpu_budgets.yaml) | wall time | made in this call |",
+        "|---|---|---|---|---|",
     ]
     for job in run["jobs"]:
         budget = ", ".join(f"`{o}`" for o in job["cpu_budget"]) or "as the recipe"
         swept = ", ".join(f"`{o}`" for o in job["overrides"]) or "—"
-        lines.append(f"| {job['job']} | {swept} | {budget} | {job['seconds']:.0f} s |")
+        lines.append(
+            f"| {job['job']} | {swept} | {budget} | {job['seconds']:.0f} s "
+            f"| {work_done(job['counts'])} |"
+        )
     lines.append(
         "\nWall times are for this call on a 2-core CPU; images and edits already in the cache "
-        "(from an earlier recipe) cost nothing."
+        "(from an earlier recipe or call) cost nothing; the last column counts them."
     )
     return "\n".join(lines) + "\n"
 

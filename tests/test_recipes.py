@@ -203,6 +203,40 @@ def test_the_cpu_budgets_of_the_mini_comparisons_apply_to_every_job(name: str) -
             assert str(OmegaConf.select(job, key)) == value, (name, override)
 
 
+def test_the_comparison_preface_says_what_each_job_made_and_took_from_the_cache() -> None:
+    """A rerun of cached work prints a short wall time; the preface must say so beside it."""
+    script = mini_comparisons()
+    counts = {"erased": 2, "images_generated": 1200, "erase_cached": 14, "images_cached": 9700}
+    rerun = {**counts, "erased": 0, "images_generated": 0}
+    jobs = [
+        {
+            "job": "0-uce",
+            "overrides": ["+experiment/arm=uce"],
+            "cpu_budget": [],
+            "seconds": 95.2,
+            "counts": counts,
+        },
+        {
+            "job": "1-esd",
+            "overrides": ["+experiment/arm=esd"],
+            "cpu_budget": ["seeds=1"],
+            "seconds": 1.4,
+            "counts": rerun,
+        },
+    ]
+    rows = [
+        line
+        for line in script.preface({"recipe": "fia/table1", "jobs": jobs}).splitlines()
+        if line.startswith("| 0-") or line.startswith("| 1-")
+    ]
+    assert rows == [
+        "| 0-uce | `+experiment/arm=uce` | as the recipe | 95 s "
+        "| 2 edits, 1,200 images (14 edits, 9,700 images cached) |",
+        "| 1-esd | `+experiment/arm=esd` | `seeds=1` | 1 s "
+        "| 0 edits, 0 images (14 edits, 9,700 images cached) |",
+    ]
+
+
 @pytest.mark.parametrize("name", SD_RECIPES)
 def test_mini_analogue_has_the_same_structure(name: str) -> None:
     sd, mini = composed(name), composed(f"mini/{name}")
