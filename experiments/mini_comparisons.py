@@ -78,8 +78,11 @@ def run_recipe(name: str, budgets: dict[str, Any]) -> dict[str, Any]:
 def work_done(counts: dict[str, Any]) -> str:
     """What a job made in this call and what it took from the cache: a short wall time beside
     nothing made is a rerun of cached work, not the job's cost."""
-    made = f"{counts['erased']} edits, {counts['images_generated']:,} images"
-    return f"{made} ({counts['erase_cached']} edits, {counts['images_cached']:,} images cached)"
+    def edits(n: int) -> str:
+        return f"{n} edit" if n == 1 else f"{n} edits"
+
+    made = f"{edits(counts['erased'])}, {counts['images_generated']:,} images"
+    return f"{made} ({edits(counts['erase_cached'])}, {counts['images_cached']:,} images cached)"
 
 
 def preface(run: dict[str, Any]) -> str:

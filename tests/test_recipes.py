@@ -207,7 +207,7 @@ def test_the_comparison_preface_says_what_each_job_made_and_took_from_the_cache(
     """A rerun of cached work prints a short wall time; the preface must say so beside it."""
     script = mini_comparisons()
     counts = {"erased": 2, "images_generated": 1200, "erase_cached": 14, "images_cached": 9700}
-    rerun = {**counts, "erased": 0, "images_generated": 0}
+    rerun = {**counts, "erased": 0, "images_generated": 0, "erase_cached": 1}
     jobs = [
         {
             "job": "0-uce",
@@ -233,7 +233,7 @@ def test_the_comparison_preface_says_what_each_job_made_and_took_from_the_cache(
         "| 0-uce | `+experiment/arm=uce` | as the recipe | 95 s "
         "| 2 edits, 1,200 images (14 edits, 9,700 images cached) |",
         "| 1-esd | `+experiment/arm=esd` | `seeds=1` | 1 s "
-        "| 0 edits, 0 images (14 edits, 9,700 images cached) |",
+        "| 0 edits, 0 images (1 edit, 9,700 images cached) |",
     ]
 
 
