@@ -78,6 +78,7 @@ def run_recipe(name: str, budgets: dict[str, Any]) -> dict[str, Any]:
 def work_done(counts: dict[str, Any]) -> str:
     """What a job made in this call and what it took from the cache: a short wall time beside
     nothing made is a rerun of cached work, not the job's cost."""
+
     def edits(n: int) -> str:
         return f"{n} edit" if n == 1 else f"{n} edits"
 
