@@ -31,6 +31,12 @@ AUTO_BATCH_CAP = 32
 MEMORY_HEADROOM = 0.8
 
 
+def last_word_pieces(attention_mask: torch.Tensor) -> list[int]:
+    """Each padded prompt's last word-piece, the row before its end token: the row UCE, ScaPre
+    and SPEED edit and the mini world's text-row probe measures, so all of them agree on it."""
+    return (attention_mask.sum(1) - 2).tolist()
+
+
 @dataclass(frozen=True)
 class Sampler:
     scheduler: str
@@ -223,6 +229,13 @@ class Engine:
             hidden = self.pipe.text_encoder(ids)[0]
             self._embeddings.update(zip(missing, hidden, strict=True))
         return torch.stack([self._embeddings[p] for p in prompts])
+
+    @torch.no_grad()
+    def rows_and_last(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states in float64 (prompts × context × width), for the closed-form edits'
+        solves, and each prompt's last word-piece index."""
+        last = last_word_pieces(self.tokenize(prompts).attention_mask)
+        return self.encode(prompts).double(), last
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         noise = [

@@ -88,27 +88,13 @@ class TextRows:
         return self.guide_rows[0].expand(self.last.shape[0], -1)
 
 
-@torch.no_grad()
-def hidden_and_last(engine: Any, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
-    """Hidden states (prompts × 77 × D, float64) and each prompt's last word-piece index."""
-    tokenizer = engine.pipe.tokenizer
-    mask = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).attention_mask
-    return engine.encode(prompts).double(), (mask.sum(1) - 2).tolist()
-
-
 def text_rows(
     engine: Any, texts: list[str], guide: str, neutral: str, keep_texts: list[str]
 ) -> TextRows:
     """UCE's token alignment: concept rows from the last word-piece to the end, paired row by row
     with the guide's rows from the guide's own last token (BOS for " ")."""
-    hidden, last = hidden_and_last(engine, texts)
-    guide_h, guide_last = hidden_and_last(engine, [guide])
+    hidden, last = engine.rows_and_last(texts)
+    guide_h, guide_last = engine.rows_and_last([guide])
     g, fg = guide_h[0], guide_last[0]
     n_tok = hidden.shape[1]
     ctx, pos, owner = [], [], []
@@ -120,7 +106,7 @@ def text_rows(
     neutral_h = engine.encode([neutral]).double()[0, 1]
     dim = hidden.shape[-1]
     if keep_texts:
-        keep_h, keep_last = hidden_and_last(engine, keep_texts)
+        keep_h, keep_last = engine.rows_and_last(keep_texts)
         keep = torch.stack([keep_h[j, f] for j, f in enumerate(keep_last)])
     else:
         keep = hidden.new_zeros(0, dim)

@@ -161,10 +161,10 @@ class SPEED(Method):
     @torch.no_grad()
     def rows(self, engine: Any, texts: list[str], rule: str) -> torch.Tensor:
         """Token rows of bare texts: each text's last word-piece, or every token after BOS."""
-        hidden = engine.encode(texts).double().cpu()
+        hidden, last = engine.rows_and_last(texts)
+        hidden = hidden.cpu()
         if rule == "all":
             return hidden[:, 1:].reshape(-1, hidden.shape[-1])
-        last = (engine.tokenize(texts).attention_mask.sum(1) - 2).tolist()
         return torch.stack([hidden[i, j] for i, j in enumerate(last)])
 
     def retained_texts(self, request: EraseRequest, retain: str) -> list[str]:

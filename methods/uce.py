@@ -125,9 +125,9 @@ class UCE(Method):
 
     @torch.no_grad()
     def token_rows(self, engine: Any, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states (prompts × 77 × d) and each prompt's last word-piece index."""
-        mask = engine.tokenize(prompts).attention_mask
-        return engine.encode(prompts).double().cpu(), (mask.sum(1) - 2).tolist()
+        """``Engine.rows_and_last`` on the CPU, where UCE solves."""
+        hidden, last = engine.rows_and_last(prompts)
+        return hidden.cpu(), last
 
     def pairs(
         self, engine: Any, targets: tuple[str, ...], kind: str

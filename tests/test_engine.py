@@ -47,6 +47,18 @@ def test_world_tokenizer_spells_every_concept_word_as_one_token() -> None:
                 assert len(ids) == 3, (word, tokenizer.convert_ids_to_tokens(ids))
 
 
+def test_last_word_piece_is_the_row_before_the_end_token() -> None:
+    engine = tiny_engine()
+    prompts = ["tench", "a photo of a church", ""]
+    hidden, last = engine.rows_and_last(prompts)
+    ids = engine.tokenize(prompts).input_ids
+    end = engine.pipe.tokenizer.eos_token_id
+    assert last == [int((row == end).nonzero()[0]) - 1 for row in ids]
+    assert last == [1, 5, 0]  # the empty prompt's is its start token
+    assert hidden.dtype == torch.float64
+    assert torch.equal(hidden, engine.encode(prompts).double())
+
+
 # ---- engine options: how it runs never changes what it makes -------------------------------------
 PROMPTS = [f"a photo of a {c}" for c in load_task("objects", "tiny").concepts[:4]] * 2
 SEEDS = list(range(20, 28))

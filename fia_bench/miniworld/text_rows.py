@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fia_bench.engine import last_word_pieces
 from fia_bench.errors import FiaBenchError
 
 TEMPLATE = "a {}"
@@ -30,7 +31,7 @@ def pipeline_encode(text_encoder: Any, tokenizer: Any) -> Encode:
             texts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         )
         hidden = text_encoder(input_ids=ids.input_ids)[0].double()
-        return hidden, (ids.attention_mask.sum(1) - 2).tolist()
+        return hidden, last_word_pieces(ids.attention_mask)
 
     return encode
 
