@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import zlib
 from pathlib import Path
 from typing import Any, NoReturn
@@ -378,6 +379,12 @@ def pyplot() -> Any:
     return plt
 
 
+def figure_label(method: str, width: int = 40) -> str:
+    """A method's label broken after its settings' commas: a swept setting list can run past a
+    panel's width, and the figure's layout then gives up rather than fit it."""
+    return textwrap.fill(method.replace(",", ", "), width).replace(", ", ",")
+
+
 def metrics_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
     """Each metric against the number of erased concepts: one row of panels per metric, its
     forget panel left of its retain panel; ``methods`` in the tables' order."""
@@ -408,7 +415,7 @@ def metrics_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
                     marker=markers[method],
                     color=method_colour(method),
                     capsize=3,
-                    label=method,
+                    label=figure_label(method),
                 )
             ax.set_xticks(sorted(frame["n_concepts"].unique()))
             ax.set_title(f"{evaluator}/{metric} ({role})", fontsize=9)
@@ -456,7 +463,7 @@ def tradeoff_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
                 linestyle="none",
             )
             ax.annotate(
-                method,
+                figure_label(method),
                 (x.iloc[0], y.iloc[0]),
                 fontsize=7,
                 xytext=(4, 4),

@@ -421,6 +421,27 @@ def test_figures_read_at_a_glance(tmp_path) -> None:
     assert [t.get_text() for t in trade.axes[0].texts] == methods
 
 
+def test_a_long_setting_list_wraps_and_its_figures_lay_out(tmp_path) -> None:
+    import warnings
+
+    from fia_bench.report import figure_label, metrics_figure, save_figure, tradeoff_figure
+
+    method = "dynamic_mask[" + ",".join(f"setting_{i}={i / 7:.6f}" for i in range(8)) + "]"
+    label = figure_label(method)
+    assert label.replace("\n", "") == method
+    assert all(len(line) <= 40 for line in label.splitlines())
+    assert figure_label("uce[lamb=0.1]") == "uce[lamb=0.1]"
+    values = {
+        (m, "accuracy", role): (50.0, 5.0)
+        for m in ("none", method)
+        for role in ("forget", "retain")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when its layout gives up
+        save_figure(metrics_figure(summary_of(values), ["none", method]), tmp_path / "m.png")
+        save_figure(tradeoff_figure(summary_of(values), ["none", method]), tmp_path / "t.png")
+
+
 def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pairs(
     tmp_path,
 ) -> None:
