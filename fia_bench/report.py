@@ -380,9 +380,11 @@ def pyplot() -> Any:
 
 
 def figure_label(method: str, width: int = 40) -> str:
-    """A method's label broken after its settings' commas: a swept setting list can run past a
-    panel's width, and the figure's layout then gives up rather than fit it."""
-    return textwrap.fill(method.replace(",", ", "), width).replace(", ", ",")
+    """A method's label broken after its name's bracket and its settings' commas: a swept setting
+    list can run past a panel's width (the figure's layout then gives up rather than fit it) or
+    a grid column's (where a cut label hides the setting that tells two columns apart)."""
+    spaced = method.replace("[", "[ ").replace(",", ", ")
+    return textwrap.fill(spaced, width).replace("[ ", "[").replace(", ", ",")
 
 
 def metrics_figure(summary: pd.DataFrame, methods: list[str]) -> Any:
@@ -500,7 +502,9 @@ def grid_rows(records: pd.DataFrame, order: list[str], per_count: int) -> list[G
     return rows
 
 
-GRID_TILE, GRID_LABEL_W, GRID_HEAD_H, GRID_BLOCK_H = 96, 240, 24, 20
+GRID_TILE, GRID_LABEL_W, GRID_BLOCK_H = 96, 240, 20
+# a column header: characters to a line (what fits a tile), pixels a line, pixels around them
+GRID_HEAD_CHARS, GRID_LINE_H, GRID_HEAD_PAD = 15, 12, 12
 
 
 def image_grid(
@@ -523,13 +527,15 @@ def image_grid(
     counts = sorted({n for n, *_ in rows})
     tile = GRID_TILE
     width = GRID_LABEL_W + tile * len(methods)
+    headers = [figure_label(method, GRID_HEAD_CHARS) for method in methods]
+    head_h = GRID_HEAD_PAD + GRID_LINE_H * max(h.count("\n") + 1 for h in headers)
     grid = Image.new(
-        "RGB", (width, GRID_HEAD_H + GRID_BLOCK_H * len(counts) + tile * len(rows)), "white"
+        "RGB", (width, head_h + GRID_BLOCK_H * len(counts) + tile * len(rows)), "white"
     )
     draw = ImageDraw.Draw(grid)
-    for j, method in enumerate(methods):
-        draw.text((GRID_LABEL_W + j * tile + 4, 6), method[:15], fill="black")
-    y = GRID_HEAD_H
+    for j, header in enumerate(headers):
+        draw.multiline_text((GRID_LABEL_W + j * tile + 4, 6), header, fill="black", spacing=2)
+    y = head_h
     for n in counts:
         draw.rectangle((0, y, width, y + GRID_BLOCK_H - 1), fill="#e8e8e8")
         draw.text((4, y + 4), f"n_concepts={n}", fill="black")

@@ -431,6 +431,11 @@ def test_a_long_setting_list_wraps_and_its_figures_lay_out(tmp_path) -> None:
     assert label.replace("\n", "") == method
     assert all(len(line) <= 40 for line in label.splitlines())
     assert figure_label("uce[lamb=0.1]") == "uce[lamb=0.1]"
+    assert figure_label("esd[iterations=200,lr=0.0003]", 15).splitlines() == [
+        "esd[",
+        "iterations=200,",
+        "lr=0.0003]",
+    ]
     values = {
         (m, "accuracy", role): (50.0, 5.0)
         for m in ("none", method)
@@ -514,8 +519,9 @@ def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first
 
     from fia_bench.report import (
         GRID_BLOCK_H,
-        GRID_HEAD_H,
+        GRID_HEAD_PAD,
         GRID_LABEL_W,
+        GRID_LINE_H,
         GRID_TILE,
         grid_rows,
         image_grid,
@@ -548,5 +554,8 @@ def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (
             GRID_LABEL_W + 2 * GRID_TILE,
-            GRID_HEAD_H + 2 * GRID_BLOCK_H + len(layout) * GRID_TILE,
+            GRID_HEAD_PAD
+            + GRID_LINE_H
+            + 2 * GRID_BLOCK_H
+            + len(layout) * GRID_TILE,  # one header line
         )
