@@ -11,7 +11,6 @@ cached, so an interrupted call resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -61,15 +60,14 @@ def run_recipe(name: str, budgets: dict[str, Any]) -> dict[str, Any]:
         extra = budget_overrides(compose_with_hydra(overrides), budgets)
         label = job_label(index, overrides[1:])
         start = time.perf_counter()
-        fia_bench.run([*overrides, *extra], out_dir=str(RUNS / name / label))
-        manifest = json.loads((RUNS / name / label / "manifest.json").read_text("utf-8"))
+        result = fia_bench.run([*overrides, *extra], out_dir=str(RUNS / name / label))
         done.append(
             {
                 "job": label,
                 "overrides": overrides[1:],
                 "cpu_budget": extra,
                 "seconds": round(time.perf_counter() - start, 1),
-                "counts": manifest["counts"],
+                "counts": result.counts,
             }
         )
     return {"recipe": name, "jobs": done}
