@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,7 +30,7 @@ from fia_bench import stats
 from fia_bench.cache import Cache, atomic_write, read_json, write_json, write_text
 from fia_bench.composite import fia_overall
 from fia_bench.detection import FLAGGED
-from fia_bench.errors import FiaBenchError, crash_line
+from fia_bench.errors import FiaBenchError, crash_line, unknown_choice
 from fia_bench.loggers import log_run
 from fia_bench.records import (
     ADDED_RECORD_COLUMNS,
@@ -507,18 +508,38 @@ GRID_TILE, GRID_LABEL_W, GRID_BLOCK_H = 96, 240, 20
 GRID_HEAD_CHARS, GRID_LINE_H, GRID_HEAD_PAD = 15, 12, 12
 
 
-def image_grid(
-    records: pd.DataFrame, caches: list[Cache], path: Path, per_count: int, order: list[str]
-) -> None:
-    """Prompts (rows) × methods (columns) at the first seed, a block of rows per concept count;
-    each row is labelled with its role and its prompt's text (``grid_rows``)."""
-    import textwrap
+# a report's copies of the images its grid shows, named <image key>.png
+REPORT_IMAGES = "images"
 
+
+class ImageSources:
+    """Where a report finds an image by its key: the ``images/`` folders of the merged reports
+    among its inputs, then the caches of the runs it merges. A report keeps there the images its
+    grid shows, so that merging it on a machine without the old runs' caches keeps its grid
+    whole, and the same: an image generated again on another thread count may differ from the
+    one shown in a pixel or two."""
+
+    def __init__(self, caches: Iterable[Cache] = (), folders: Iterable[Path] = ()) -> None:
+        self.caches, self.folders = list(caches), list(folders)
+
+    def find(self, key: str) -> Path | None:
+        paths = [f / f"{key}.png" for f in self.folders]
+        paths += [c.path("images", key, ".png") for c in self.caches]
+        return next((p for p in paths if p.is_file()), None)
+
+
+def image_grid(
+    records: pd.DataFrame, sources: ImageSources, path: Path, per_count: int, order: list[str]
+) -> dict[str, Path]:
+    """Prompts (rows) × methods (columns) at the first seed, a block of rows per concept count;
+    each row is labelled with its role and its prompt's text (``grid_rows``). Returns the image
+    shown in each tile, by key; a tile whose image is found nowhere stays blank, and is counted
+    in one line on stderr."""
     from PIL import Image, ImageDraw
 
     rows = grid_rows(records, order, per_count)
     if not rows:
-        return
+        return {}
     images = records[(records["image_key"] != "") & (records["seed"] == records["seed"].min())]
     methods = sorted(images["method"].unique(), key=lambda m: (m != "none", m))
     keys = images.drop_duplicates(["method", "n_concepts", "prompt_id"]).set_index(
@@ -533,6 +554,8 @@ def image_grid(
         "RGB", (width, head_h + GRID_BLOCK_H * len(counts) + tile * len(rows)), "white"
     )
     draw = ImageDraw.Draw(grid)
+    shown: dict[str, Path] = {}
+    blank: list[str] = []
     for j, header in enumerate(headers):
         draw.multiline_text((GRID_LABEL_W + j * tile + 4, 6), header, fill="black", spacing=2)
     y = head_h
@@ -544,24 +567,54 @@ def image_grid(
             lines = [f"{role}: {concept}", *textwrap.wrap(prompt or prompt_id, 38)]
             draw.multiline_text((4, y + 6), "\n".join(lines[:6]), fill="black", spacing=2)
             for j, method in enumerate(methods):
-                found = next(
-                    (
-                        c.path("images", keys[(method, n, prompt_id)], ".png")
-                        for c in caches
-                        if (method, n, prompt_id) in keys.index
-                        and c.path("images", keys[(method, n, prompt_id)], ".png").exists()
-                    ),
-                    None,
-                )
-                if found is None:
-                    continue
+                if (method, n, prompt_id) not in keys.index:
+                    continue  # the method has no image of this prompt: nothing to show
+                key = keys[(method, n, prompt_id)]
+                found = sources.find(key)
                 try:
+                    if found is None:
+                        raise OSError("not found")
                     img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
-                except (OSError, SyntaxError):  # a damaged image: its tile stays blank
+                except (OSError, SyntaxError):  # missing or damaged: its tile stays blank
+                    blank.append(key)
                     continue
                 grid.paste(img, (GRID_LABEL_W + j * tile, y))
+                shown[key] = found
             y += tile
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    if blank:
+        print(
+            f"fia_bench.report: {path}: {len(blank)} of {len(blank) + len(shown)} tiles blank, "
+            f"their images in no run's cache nor merged report's {REPORT_IMAGES}/ "
+            f"(first: {blank[0]})",
+            file=sys.stderr,
+        )
+    return shown
+
+
+def keep_grid_images(folder: Path, shown: dict[str, Path]) -> None:
+    """Copy the images a grid shows into a report's ``images/`` folder, each at most a tile's
+    size (the grid shows no more, and Stable Diffusion's 512 px images would weigh a report
+    down), and remove those it no longer shows."""
+    from PIL import Image
+
+    if not shown and not folder.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, source in shown.items():
+        target = folder / f"{key}.png"
+        if target.exists() and target.resolve() == source.resolve():
+            continue
+        with Image.open(source) as img:
+            small = (
+                img
+                if max(img.size) <= GRID_TILE
+                else img.resize((GRID_TILE, GRID_TILE), Image.NEAREST)
+            )
+            atomic_write(target, lambda tmp, small=small: small.save(tmp, format="PNG"))
+    for stale in folder.glob("*.png"):
+        if stale.stem not in shown:
+            stale.unlink()
 
 
 # ---- provenance ----------------------------------------------------------------------------
@@ -636,7 +689,7 @@ def write_report(
     out_dir: Path,
     records: pd.DataFrame,
     runs: pd.DataFrame,
-    caches: list[Cache],
+    images: ImageSources,
     alpha: float,
     grid_prompts: int,
     reference: str = "none",
@@ -720,7 +773,8 @@ def write_report(
     if TRADEOFF in figures:
         save_figure(tradeoff_figure(summary, methods), out_dir / TRADEOFF)
     order = concepts or list(dict.fromkeys(records["concept"]))
-    image_grid(records, caches, out_dir / GRID, grid_prompts, order)
+    shown = image_grid(records, images, out_dir / GRID, grid_prompts, order)
+    keep_grid_images(out_dir / REPORT_IMAGES, shown)
     return summary, tests
 
 
@@ -749,7 +803,7 @@ def write_run(
         out_dir,
         records,
         runs,
-        [Cache(cfg.cache_dir)],
+        ImageSources([Cache(cfg.cache_dir)]),
         float(cfg.report.alpha),
         int(cfg.report.grid_prompts),
         str(cfg.reference),
@@ -780,12 +834,12 @@ def write_run(
 # ---- merging -------------------------------------------------------------------------------
 def load_runs(
     dirs: list[Path],
-) -> tuple[pd.DataFrame, pd.DataFrame, list[Cache], dict, dict[str, str]]:
+) -> tuple[pd.DataFrame, pd.DataFrame, ImageSources, dict, dict[str, str]]:
     """Concatenate run directories; rows measured by several runs (the shared reference) must
-    agree exactly and are kept once, and each model must be one build. Also returns each run's
-    configuration and model weights. A merged report is a run directory too: its rows keep the
-    run they came from (its records' ``run_dir``), so a report grows by merging it with new
-    runs, on a machine that never had the old ones."""
+    agree exactly and are kept once, and each model must be one build. Also returns where their
+    images are, each run's configuration and model weights. A merged report is a run directory
+    too: its rows keep the run they came from (its records' ``run_dir``) and its grid's images,
+    so a report grows by merging it with new runs, on a machine that never had the old ones."""
     records, runs, caches, configs, builds = [], [], [], {}, []
     for d in dirs:
         for path in (records_path(d), d / "runs.csv", d / "manifest.json"):
@@ -795,7 +849,7 @@ def load_runs(
             records_path(d),
             RECORD_COLUMNS,
             na_values=[""],
-            dtype={"prompt_id": str, "prompt": str, "image_key": str, "run_dir": str},
+            dtype={"prompt_id": str, "prompt": str, "image_key": str, "run_dir": str, "model": str},
             added=(*ADDED_RECORD_COLUMNS, "run_dir"),
         )
         frame["model"] = frame["model"].fillna("")
@@ -820,19 +874,77 @@ def load_runs(
     key = [
         c for c in RECORD_COLUMNS if c not in ("value", "higher_is_better", "image_key", "prompt")
     ]
-    merged = merged.drop_duplicates([*key, "value"])
-    clash = merged[merged.duplicated(key, keep=False)]
-    if len(clash):
-        r = clash.iloc[0]
-        group = clash.groupby(key, dropna=False, sort=False).ngroup()
-        first, other = clash.loc[group == group.iloc[0], "run_dir"].iloc[:2]
+    merged = one_measurement(merged.drop_duplicates([*key, "value"]), key, configs)
+    all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
+    images = ImageSources(caches, [d / REPORT_IMAGES for d in dirs if (d / REPORT_IMAGES).is_dir()])
+    return merged.reset_index(drop=True), all_runs.reset_index(drop=True), images, configs, weights
+
+
+# How far a row measured again (the shared reference, on another machine or thread count) may
+# move and still be the same measurement, as a share of its metric's largest magnitude among the
+# rows measured again: CPU rounding differs with the thread count, and generation and scoring
+# amplify it (clip_score moved by up to 0.0092, 2.5e-4 of its 36.4, between two builds of the
+# mini world's reference on one and two threads, docs/results_mini_notes.md). Another protocol
+# moves some row by far more; an accuracy that flips, by all of its range.
+REMEASURED_RTOL = 1e-3
+
+
+def one_measurement(records: pd.DataFrame, key: list[str], configs: dict[str, Any]) -> pd.DataFrame:
+    """One row per key: where runs measured a row again, the first run's value is kept if the
+    others agree within rounding (``REMEASURED_RTOL`` of the metric's scale, said in one line),
+    and the merge is refused, naming the config keys the runs differ in, if they do not."""
+    again = records.duplicated(key, keep=False)
+    if not again.any():
+        return records
+    shared = records[again]
+    first = shared.groupby(key, dropna=False, sort=False)["value"].transform("first")
+    scale = shared["value"].abs().groupby([shared["evaluator"], shared["metric"]]).transform("max")
+    moved = (shared["value"] - first).abs()
+    close = (moved <= REMEASURED_RTOL * scale) | (shared["value"].isna() & first.isna())
+    if not close.all():
+        r = shared[~close].iloc[0]
+        group = shared.groupby(key, dropna=False, sort=False).ngroup()
+        runs = shared.loc[group == group[~close].iloc[0], "run_dir"]
+        first_run, other = runs.iloc[0], r.run_dir
         raise FiaBenchError(
             f"runs disagree on {r.method} n_concepts={r.n_concepts} seed={r.seed} "
-            f"{r.evaluator}/{r.metric} {r.prompt_id}: {first} and {other} differ in "
-            f"{protocol_difference(configs[first], configs[other])}; merge runs of one protocol"
+            f"{r.evaluator}/{r.metric} {r.prompt_id}: {first_run} and {other} differ in "
+            f"{protocol_difference(configs[first_run], configs[other])}; merge runs of one "
+            "protocol"
         )
-    all_runs = pd.concat(runs, ignore_index=True)[RUN_COLUMNS].drop_duplicates(JOB_KEYS)
-    return merged.reset_index(drop=True), all_runs.reset_index(drop=True), caches, configs, weights
+    later = shared.duplicated(key)
+    print(
+        f"fia_bench.report: {int(later.sum())} rows measured again by a later run "
+        f"(first: {shared.loc[later, 'run_dir'].iloc[0]}) agree with the first within rounding "
+        f"(largest difference {moved[later].max():.3g}, tolerance {REMEASURED_RTOL:g} of each "
+        "metric's largest value); the first run's values are kept",
+        file=sys.stderr,
+    )
+    return records.drop_duplicates(key)
+
+
+def drop_methods(
+    records: pd.DataFrame,
+    runs: pd.DataFrame,
+    configs: dict[str, Any],
+    names: list[str],
+    reference: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The merge without the named methods' rows and jobs, and without the runs that then have
+    no row left: how a published report drops a column that a rerun at new settings replaces,
+    on a machine that has only the report."""
+    for name in names:
+        if name == reference:
+            raise FiaBenchError(
+                f"--drop-method {name}: it is the reference the tests compare against; "
+                "choose another --reference to drop it"
+            )
+        if name not in set(records["method"]):
+            raise unknown_choice("method", name, records["method"].unique(), "the merged runs")
+    records = records[~records["method"].isin(names)].reset_index(drop=True)
+    runs = runs[~runs["method"].isin(names)].reset_index(drop=True)
+    kept = set(records["run_dir"])
+    return records, runs, {run: config for run, config in configs.items() if run in kept}
 
 
 # where runs may differ and still share rows: the method (its own column), where they write
@@ -995,13 +1107,24 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also write the report's markdown here, its figure links pointing into --out",
     )
+    parser.add_argument(
+        "--drop-method",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave out a method's column as the tables name it, e.g. 'esd[lr=0.0003]' "
+        "(a row its rerun replaces); repeatable",
+    )
     args = parser.parse_args(argv)
     if not (0 < args.alpha < 1):
         parser.error(f"--alpha {args.alpha}: must be a number > 0 and < 1")
     if args.grid_prompts < 0:
         parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
-        records, runs, caches, configs, weights = load_runs(run_directories(args.runs))
+        records, runs, images, configs, weights = load_runs(run_directories(args.runs))
+        records, runs, configs = drop_methods(
+            records, runs, configs, args.drop_method, args.reference
+        )
         order = concept_order(records, configs)
         rank = {c: i for i, c in enumerate(order)}
         records = (
@@ -1026,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             records,
             runs,
-            caches,
+            images,
             args.alpha,
             args.grid_prompts,
             args.reference,

@@ -185,12 +185,12 @@ def ok_runs(jobs, prompt_ids: list[str]) -> pd.DataFrame:
 
 
 def test_a_non_finite_score_fails_its_job_by_name_and_cells_say_their_seeds(tmp_path) -> None:
-    from fia_bench.report import write_report
+    from fia_bench.report import ImageSources, write_report
 
     values = {("none", s): (10.0 * s, 20.0) for s in range(3)}
     values |= {("uce", 0): (0.0, 5.0), ("uce", 1): (float("nan"), 5.0), ("uce", 2): (1.0, 7.0)}
     records, runs = job_rows(values)
-    summary, tests = write_report(tmp_path, records, runs, [], 0.05, 0)
+    summary, tests = write_report(tmp_path, records, runs, ImageSources(), 0.05, 0)
 
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     failed = pd.read_csv(tmp_path / "runs.csv").set_index(["method", "seed"])
@@ -296,6 +296,35 @@ def test_merging_runs_of_two_protocols_names_the_key_that_differs(tmp_path, caps
     assert len(merged) == len(records) and set(merged["role"]) == {"forget"}
 
 
+def test_a_row_measured_again_within_rounding_keeps_the_first_runs_value(tmp_path, capsys) -> None:
+    """The reference measured again on another machine differs by rounding: the merge keeps the
+    first run's values and says so in one line; beyond REMEASURED_RTOL it is refused."""
+    from fia_bench.report import REMEASURED_RTOL, main
+
+    records, runs = job_rows({("none", 0): (20.0, 30.0), ("uce", 0): (1.0, 2.0)})
+    write_run_dir(tmp_path / "a", records, runs)
+    none = records["method"] == "none"
+    again = records[none].assign(value=records["value"] * (1 + REMEASURED_RTOL / 4))
+    write_run_dir(tmp_path / "b", again, runs[runs["method"] == "none"])
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "r"
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"fia_bench.report: 2 rows measured again by a later run (first: {b}) agree with the "
+        f"first within rounding (largest difference 0.0075, tolerance {REMEASURED_RTOL:g} of "
+        "each metric's largest value); the first run's values are kept"
+    )
+    merged = pd.read_csv(out / "records.csv")
+    assert list(merged.loc[merged["method"] == "none", "value"]) == [20.0, 30.0]
+    assert set(merged["run_dir"]) == {str(a)}
+    (b / "records.csv").unlink()
+    records[none].assign(value=records["value"] * (1 + 4 * REMEASURED_RTOL)).to_csv(
+        b / "records.csv", index=False
+    )
+    assert main([str(a), str(b), "--out", str(out)]) == 2
+    assert "runs disagree on none n_concepts=1 seed=0" in capsys.readouterr().err
+
+
 def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> None:
     """Runs merged into a report, then the report merged with one more run, give the tables
     that merging all the runs at once gives: a published report is extended on a machine
@@ -351,6 +380,100 @@ def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> 
     (tmp_path / "first" / "manifest.json").write_text(json.dumps(old), encoding="utf-8")
     assert main([str(tmp_path / "first"), "--out", str(tmp_path / "old")]) == 2
     assert "merge the run directories its merged_runs lists" in capsys.readouterr().err
+
+
+def test_a_merged_report_keeps_its_grid_for_a_machine_without_the_caches(tmp_path, capsys) -> None:
+    """A report copies the images its grid shows into images/ (none larger than a tile), so
+    merging it after its runs and their caches are gone draws the same grid; a tile whose image
+    is nowhere, or damaged, stays blank and is counted in one line."""
+    import numpy as np
+    from PIL import Image
+
+    from fia_bench.cache import Cache
+    from fia_bench.report import GRID_TILE, REPORT_IMAGES, main
+
+    records, runs = job_rows({("none", 0): (1.0, 2.0), ("uce", 0): (0.0, 1.0)})
+    records = records.assign(model="tiny", image_key=[f"key{i}" for i in range(len(records))])
+    write_run_dir(tmp_path / "a", records, runs)
+    cache, rng = Cache(tmp_path / "a" / "cache"), np.random.default_rng(0)
+    for key, size in zip(records["image_key"], (200, 32, 32, 32), strict=True):
+        path = cache.path("images", key, ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    first = tmp_path / "first"
+    assert main([str(tmp_path / "a"), "--out", str(first)]) == 0
+    # the grid shows prompt p0 of each method: key0 (none, 200 px, kept at a tile) and key2
+    kept = {}
+    for path in (first / REPORT_IMAGES).iterdir():
+        with Image.open(path) as image:
+            kept[path.name] = image.size
+    assert kept == {"key0.png": (GRID_TILE, GRID_TILE), "key2.png": (32, 32)}
+    shutil.rmtree(tmp_path / "a")  # runs and cache gone: the report alone travels
+    capsys.readouterr()
+    assert main([str(first), "--out", str(tmp_path / "grown")]) == 0
+    assert "blank" not in capsys.readouterr().err
+    with Image.open(first / "grid.png") as a, Image.open(tmp_path / "grown" / "grid.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # an image of the same key generated again (another thread count: a pixel off) does not
+    # change the published grid: the report's copy comes first
+    again = cache.path("images", "key2", ".png")
+    again.parent.mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(again)
+    assert main([str(first), "--out", str(tmp_path / "grown")]) == 0
+    with Image.open(first / "grid.png") as a, Image.open(tmp_path / "grown" / "grid.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    (first / REPORT_IMAGES / "key2.png").write_bytes(b"not a png")
+    (first / REPORT_IMAGES / "key0.png").unlink()
+    assert main([str(first), "--out", str(tmp_path / "blank")]) == 0
+    err = capsys.readouterr().err
+    assert "grid.png: 2 of 2 tiles blank" in err and "(first: key0)" in err
+    assert not (tmp_path / "blank" / REPORT_IMAGES).exists()
+    # a report rewritten in place keeps what it still shows and drops what it no longer does
+    assert main([str(tmp_path / "grown"), "--out", str(tmp_path / "grown")]) == 0
+    assert sorted(p.name for p in (tmp_path / "grown" / REPORT_IMAGES).iterdir()) == [
+        "key0.png",
+        "key2.png",
+    ]
+    assert (
+        main([str(tmp_path / "grown"), "--grid-prompts", "0", "--out", str(tmp_path / "grown")])
+        == 0
+    )
+    assert list((tmp_path / "grown" / REPORT_IMAGES).iterdir()) == []
+
+
+def test_a_dropped_method_leaves_the_report_as_if_never_merged(tmp_path, capsys) -> None:
+    """--drop-method takes a column out of a published report (a preset row its rerun
+    replaces) with the runs that then have no row; a name not merged, or the reference, is
+    refused in one line."""
+    from fia_bench.report import main
+
+    jobs = {("none", 0): (1.0, 2.0), ("uce", 0): (0.0, 1.0), ("none", 1): (3.0, 4.0)}
+    jobs |= {("uce", 1): (1.0, 1.0), ("esd", 0): (2.0, 0.0), ("esd", 1): (1.0, 3.0)}
+    records, runs = job_rows(jobs)
+    records = records.assign(model="tiny")
+    for name, methods in (("a", ("none", "uce")), ("b", ("none", "esd"))):
+        write_run_dir(
+            tmp_path / name,
+            records[records["method"].isin(methods)],
+            runs[runs["method"].isin(methods)],
+        )
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main([a, b, "--gzip-records", "--out", str(tmp_path / "both")]) == 0
+    assert main([a, "--out", str(tmp_path / "only_a")]) == 0
+    dropped = tmp_path / "dropped"
+    assert main([str(tmp_path / "both"), "--drop-method", "esd", "--out", str(dropped)]) == 0
+    for table in ("summary.csv", "tests.csv", "runs.csv", "records.csv"):
+        only_a = (tmp_path / "only_a" / table).read_text(encoding="utf-8")
+        assert (dropped / table).read_text(encoding="utf-8") == only_a, table
+    manifest = json.loads((dropped / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["merged_runs"]) == {a}  # b's reference rows are a's, kept once
+    capsys.readouterr()
+    assert main([a, b, "--drop-method", "esdd", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'esdd' in the merged runs; valid choices: esd, none, uce" in err
+    assert "did you mean 'esd'?" in err and err.count("\n") == 1
+    assert main([a, "--drop-method", "none", "--out", str(tmp_path / "never")]) == 2
+    assert "--drop-method none: it is the reference" in capsys.readouterr().err
 
 
 def summary_of(values: dict[tuple[str, str, str], tuple[float, float]]) -> pd.DataFrame:
@@ -452,7 +575,7 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
 ) -> None:
     import re
 
-    from fia_bench.report import OVERALL_NOTE, write_report
+    from fia_bench.report import OVERALL_NOTE, ImageSources, write_report
 
     # uce equals none on the retain concept (zero differences), differs on the forget concept
     values = {("none", s): (80.0, 90.0) for s in range(3)}
@@ -469,7 +592,7 @@ def test_overall_is_explained_under_its_table_and_warnings_count_the_tables_pair
         columns=RECORD_COLUMNS,
     )
     runs = ok_runs(values, ["p0", "p1"])
-    _, tests = write_report(tmp_path, records, runs, [], 0.05, 0)
+    _, tests = write_report(tmp_path, records, runs, ImageSources(), 0.05, 0)
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     table_end = report.index("| **Overall (H)** |")
     assert report[table_end:].split("\n\n", 1)[1].startswith(OVERALL_NOTE)
@@ -523,6 +646,7 @@ def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first
         GRID_LABEL_W,
         GRID_LINE_H,
         GRID_TILE,
+        ImageSources,
         grid_rows,
         image_grid,
     )
@@ -550,7 +674,7 @@ def test_the_image_grid_has_a_labelled_block_per_concept_count_forget_rows_first
     ]
     assert layout[0][3:] == ("tench-0", "a photo 0 of a tench")
     assert len(grid_rows(records, order, per_count=5)) == 10  # five per concept count
-    image_grid(records, [], tmp_path / "grid.png", 12, order)
+    image_grid(records, ImageSources(), tmp_path / "grid.png", 12, order)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (
             GRID_LABEL_W + 2 * GRID_TILE,
