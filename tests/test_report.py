@@ -325,12 +325,9 @@ def test_a_row_measured_again_within_rounding_keeps_the_first_runs_value(tmp_pat
     assert "runs disagree on none n_concepts=1 seed=0" in capsys.readouterr().err
 
 
-def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> None:
-    """Runs merged into a report, then the report merged with one more run, give the tables
-    that merging all the runs at once gives: a published report is extended on a machine
-    that never had its runs."""
-    from fia_bench.report import main
-
+def two_runs(tmp_path) -> tuple:
+    """Run folders a (none, uce) and b (none, esd), 2 seeds each, of one model build; both
+    measured the reference alike."""
     jobs = {("none", 0): (1.0, 2.0), ("uce", 0): (0.0, 1.0), ("none", 1): (3.0, 4.0)}
     jobs |= {("uce", 1): (1.0, 1.0), ("esd", 0): (2.0, 0.0), ("esd", 1): (1.0, 3.0)}
     records, runs = job_rows(jobs)
@@ -341,7 +338,16 @@ def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> 
             records[records["method"].isin(methods)],
             runs[runs["method"].isin(methods)],
         )
-    a, b = tmp_path / "a", tmp_path / "b"
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> None:
+    """Runs merged into a report, then the report merged with one more run, give the tables
+    that merging all the runs at once gives: a published report is extended on a machine
+    that never had its runs."""
+    from fia_bench.report import main
+
+    a, b = two_runs(tmp_path)
     assert main([str(a), str(b), "--out", str(tmp_path / "at_once")]) == 0
     # the published report keeps its records gzipped, byte-identical when rewritten
     first = tmp_path / "first"
@@ -447,17 +453,7 @@ def test_a_dropped_method_leaves_the_report_as_if_never_merged(tmp_path, capsys)
     refused in one line."""
     from fia_bench.report import main
 
-    jobs = {("none", 0): (1.0, 2.0), ("uce", 0): (0.0, 1.0), ("none", 1): (3.0, 4.0)}
-    jobs |= {("uce", 1): (1.0, 1.0), ("esd", 0): (2.0, 0.0), ("esd", 1): (1.0, 3.0)}
-    records, runs = job_rows(jobs)
-    records = records.assign(model="tiny")
-    for name, methods in (("a", ("none", "uce")), ("b", ("none", "esd"))):
-        write_run_dir(
-            tmp_path / name,
-            records[records["method"].isin(methods)],
-            runs[runs["method"].isin(methods)],
-        )
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    a, b = map(str, two_runs(tmp_path))
     assert main([a, b, "--gzip-records", "--out", str(tmp_path / "both")]) == 0
     assert main([a, "--out", str(tmp_path / "only_a")]) == 0
     dropped = tmp_path / "dropped"
