@@ -3,11 +3,14 @@ grid in experiments/mini_presets.yaml, and the method's own settings, on a world
 classes (task=objects_heldout) only, never on a class that a reported table erases or keeps; score
 each point with FIA's Overall (H); write the best point to
 conf/preset_caps/method/mini/<method>.yaml, which preset=mini applies, and every point to a table
-in docs/mini_presets.md with the command that produced it. Runs and edits are cached, so a rerun
-costs only what changed.
+in docs/mini_presets.md with the command that produced it, and every point's rows to the
+method's report, docs/mini_presets/<method>/. A rerun costs only what changed: a point that report
+holds at the same protocol and settings is scored from it (so a grid grows on a machine that
+never ran its other points), and runs and edits are cached.
 
     python experiments/mini_presets.py [--methods esd,uce] [--model mini] [--task objects_heldout]
-        [--seeds 3] [--grid FILE] [--out-conf DIR] [--doc FILE] [--runs DIR] [key=value ...]
+        [--seeds 3] [--grid FILE] [--out-conf DIR] [--doc FILE] [--runs DIR] [--reports DIR]
+        [key=value ...]
 
 Trailing key=value words go to every run (task.prompts.settings.per_concept=8, device=cuda).
 """
@@ -36,10 +39,10 @@ from fia_bench.resources import config_dir
 from fia_bench.validate import plain
 
 if TYPE_CHECKING:
+    import pandas as pd
     from omegaconf import DictConfig
 
     from fia_bench.api import Task
-    from fia_bench.runner import RunResult
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -47,6 +50,9 @@ GRID = HERE / "mini_presets.yaml"
 OUT_CONF = REPO / "conf" / "preset_caps" / "method" / "mini"
 DOC = REPO / "docs" / "mini_presets.md"
 RUNS = REPO / "multirun" / "mini_presets"
+REPORTS = REPO / "docs" / "mini_presets"
+# a sweep report's image grid: rows per concept count (of every point, so kept short)
+REPORT_GRID_PROMPTS = 4
 PRESET = "mini"
 # forget and preserve: the accuracy of the CLIP judge every world has (the mini CLIP on mini)
 EVALUATOR, METRIC = "clip_accuracy", "accuracy"
@@ -75,6 +81,48 @@ class Point:
     preserve: float
     overall: float
     failed: str = ""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A method's sweep report, as earlier sweeps left it: every point's rows, jobs and run
+    config (by the run directory its rows name)."""
+
+    folder: Path
+    records: pd.DataFrame
+    runs: pd.DataFrame
+    configs: dict[str, dict[str, Any]]
+
+    def label_of(self, planned: dict[str, Any], reference: str) -> str | None:
+        """The label of the point the report holds at ``planned``'s settings and protocol."""
+        from fia_bench.report import protocol_keys
+
+        for run, config in self.configs.items():
+            if config.get("method") == planned["method"] and not protocol_keys(config, planned):
+                labels = set(self.records.loc[self.records["run_dir"] == run, "method"])
+                if len(labels - {reference}) == 1:
+                    return (labels - {reference}).pop()
+        return None
+
+
+def load_measured(folder: Path) -> Measured | None:
+    """The method's sweep report, if an earlier sweep wrote one."""
+    from fia_bench.report import load_runs
+
+    if not (folder / "manifest.json").is_file():
+        return None
+    records, runs, _, configs, _ = load_runs([folder])
+    return Measured(folder, records, runs, configs)
+
+
+def planned_config(overrides: list[str]) -> dict[str, Any]:
+    """The resolved config a run of ``overrides`` would record (its manifest's ``config``)."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = fia_bench.compose(overrides)
+    with open_dict(cfg):
+        cfg.out_dir = "unused"  # where it would write: not part of what it measures
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -259,21 +307,21 @@ def hydra_value(value: Any) -> str:
     return f"'{text}'"
 
 
-def score(result: RunResult, candidate: Candidate, reference: str) -> Point:
-    """Forget and preserve accuracy and FIA's Overall (H), as the report's Overall row computes
-    it: H of each (concept count, seed) from that seed's averages, then their mean."""
+def score(records: pd.DataFrame, runs: pd.DataFrame, candidate: Candidate, reference: str) -> Point:
+    """Forget and preserve accuracy and FIA's Overall (H) of the point whose jobs ``runs`` lists
+    (besides the reference's), as the report's Overall row computes it: H of each (concept count,
+    seed) from that seed's averages, then their mean."""
     import numpy as np
 
     from fia_bench.composite import fia_overall
     from fia_bench.stats import seed_values
 
-    jobs = result.runs[result.runs["method"] != reference]
+    jobs = runs[runs["method"] != reference]
     label = str(jobs["method"].iloc[0])
     failed = jobs[jobs["status"] != "ok"]
     if len(failed):
         reasons = "; ".join(sorted({str(r) for r in failed["reason"]}))
         return Point(candidate, label, math.nan, math.nan, math.nan, reasons)
-    records = result.records
     chosen = records[
         (records["method"] == label)
         & (records["evaluator"] == EVALUATOR)
@@ -349,6 +397,37 @@ def table_block(sweep: MethodSweep, command: str, protocol: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_method_report(
+    folder: Path,
+    measured: Measured | None,
+    from_report: set[str],
+    new_runs: list[Path],
+    reference: str,
+) -> None:
+    """The method's sweep report: the points scored from it (``from_report``, by label) and the
+    new runs. Any other point it held (no longer in the grid, or measured at another protocol,
+    whose new run would share its rows and differ in them) is left out first; with nothing new
+    and nothing left out, the report is not rewritten."""
+    from fia_bench.report import merge
+
+    held = set(measured.records["method"]) - {reference} if measured else set()
+    gone = held - from_report
+    if not new_runs and not gone:
+        return
+    with tempfile.TemporaryDirectory(prefix="mini_presets_report_") as tmp:
+        kept = []
+        if measured and from_report:
+            merge([measured.folder], Path(tmp), drop=sorted(gone), reference=reference)
+            kept = [Path(tmp)]
+        merge(
+            [*kept, *new_runs],
+            folder,
+            grid_prompts=REPORT_GRID_PROMPTS,
+            reference=reference,
+            gzip_records=True,
+        )
+
+
 def update_doc(doc: Path, method: str, block: str) -> None:
     """Replace the method's section in ``doc`` (or append it; a new doc gets a title)."""
     text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Mini presets\n"
@@ -379,6 +458,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--doc", type=Path, default=DOC, help=f"default: {shown(DOC)}")
     parser.add_argument("--runs", type=Path, default=RUNS, help=f"run folders ({shown(RUNS)})")
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        default=REPORTS,
+        help=f"each method's report of its points, DIR/<method>/ ({shown(REPORTS)})",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -429,22 +514,32 @@ def run_sweep(argv: list[str]) -> dict[str, MethodSweep]:
     )
     done = {}
     for method, planned_points in planned.items():
-        points = []
+        measured = load_measured(args.reports / method)
+        points, new_runs, from_report = [], [], set()
         for candidate in planned_points:
             overrides = [f"method={method}", *base]
             if not candidate.defaults:
                 overrides += [
                     f"method.settings.{k}={hydra_value(v)}" for k, v in candidate.settings.items()
                 ]
-            out_dir = args.runs / method / f"{candidate.order:02d}"
-            point = score(fia_bench.run(overrides, out_dir=str(out_dir)), candidate, reference)
+            label = measured.label_of(planned_config(overrides), reference) if measured else None
+            if measured and label:
+                jobs = measured.runs[measured.runs["method"] == label]
+                point, source = score(measured.records, jobs, candidate, reference), "report"
+                from_report.add(label)
+            else:
+                out_dir = args.runs / method / f"{candidate.order:02d}"
+                result = fia_bench.run(overrides, out_dir=str(out_dir))
+                point, source = score(result.records, result.runs, candidate, reference), "run"
+                new_runs.append(out_dir)
             points.append(point)
             print(
                 f"[mini_presets] {method} {candidate.order + 1}/{len(planned_points)} "
                 f"{point.label}: forget {point.forget:.2f}, preserve {point.preserve:.2f}, "
-                f"H {point.overall:.2f}{' (failed)' if point.failed else ''}",
+                f"H {point.overall:.2f}{' (failed)' if point.failed else ''} ({source})",
                 flush=True,
             )
+        write_method_report(args.reports / method, measured, from_report, new_runs, reference)
         best = best_point(method, points)
         preset = write_preset(args.out_conf, method, best, command)
         sweep = MethodSweep(method, points, best, preset)

@@ -951,16 +951,23 @@ def drop_methods(
 RUN_PLACE_KEYS = ("method", "out_dir", "cache_dir", "hydra", "logger", "report", "recipe")
 
 
-def protocol_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """The config keys (beyond the method and where the runs wrote) in which two runs differ,
-    e.g. ``sampler.steps (2 vs 4)``: what made them measure one row differently."""
+def protocol_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The config keys, beyond the method and where the runs wrote, in which two runs differ:
+    none means they measured under one protocol."""
     flat_a, flat_b = (
         {k: v for k, v in flat_settings(c).items() if k.split(".")[0] not in RUN_PLACE_KEYS}
         for c in (a, b)
     )
-    keys = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+    return sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+
+
+def protocol_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """``protocol_keys`` as a message, e.g. ``sampler.steps (2 vs 4)``: what made two runs
+    measure one row differently."""
+    keys = protocol_keys(a, b)
     if not keys:
         return "no config key (another code or package version measured them)"
+    flat_a, flat_b = flat_settings(a), flat_settings(b)
     shown = ", ".join(
         f"{k} ({setting_text(flat_a.get(k))} vs {setting_text(flat_b.get(k))})" for k in keys[:3]
     )
@@ -1084,6 +1091,55 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def merge(
+    dirs: list[Path],
+    out: Path,
+    *,
+    drop: Iterable[str] = (),
+    alpha: float = 0.05,
+    grid_prompts: int = 12,
+    reference: str = "none",
+    gzip_records: bool = False,
+) -> None:
+    """Merge run directories and reports into the report at ``out`` (``main``'s work, for
+    scripts that build a report of their own runs); ``drop``: methods to leave out."""
+    records, runs, images, configs, weights = load_runs(dirs)
+    records, runs, configs = drop_methods(records, runs, configs, list(drop), reference)
+    order = concept_order(records, configs)
+    rank = {c: i for i, c in enumerate(order)}
+    records = (
+        records.assign(concept_rank=records["concept"].map(rank))
+        .sort_values(
+            ["method", "n_concepts", "seed", "evaluator", "metric", "concept_rank", "prompt_id"],
+            kind="mergesort",
+        )
+        .drop(columns="concept_rank")
+        .reset_index(drop=True)
+    )
+    runs = runs.sort_values(JOB_KEYS, kind="mergesort").reset_index(drop=True)
+    write_report(
+        out,
+        records,
+        runs,
+        images,
+        alpha,
+        grid_prompts,
+        reference,
+        list(weights.values()),
+        order,
+        gzip_records,
+    )
+    write_json(
+        out / "manifest.json",
+        {
+            "merged_runs": configs,
+            "model_weights": weights,
+            "versions": versions(),
+            "git": git_state(),
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(
         prog="python -m fia_bench.report",
@@ -1121,50 +1177,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid_prompts < 0:
         parser.error(f"--grid-prompts {args.grid_prompts}: must be an integer >= 0")
     try:
-        records, runs, images, configs, weights = load_runs(run_directories(args.runs))
-        records, runs, configs = drop_methods(
-            records, runs, configs, args.drop_method, args.reference
-        )
-        order = concept_order(records, configs)
-        rank = {c: i for i, c in enumerate(order)}
-        records = (
-            records.assign(concept_rank=records["concept"].map(rank))
-            .sort_values(
-                [
-                    "method",
-                    "n_concepts",
-                    "seed",
-                    "evaluator",
-                    "metric",
-                    "concept_rank",
-                    "prompt_id",
-                ],
-                kind="mergesort",
-            )
-            .drop(columns="concept_rank")
-            .reset_index(drop=True)
-        )
-        runs = runs.sort_values(JOB_KEYS, kind="mergesort").reset_index(drop=True)
-        write_report(
+        merge(
+            run_directories(args.runs),
             args.out,
-            records,
-            runs,
-            images,
-            args.alpha,
-            args.grid_prompts,
-            args.reference,
-            list(weights.values()),
-            order,
-            args.gzip_records,
-        )
-        write_json(
-            args.out / "manifest.json",
-            {
-                "merged_runs": configs,
-                "model_weights": weights,
-                "versions": versions(),
-                "git": git_state(),
-            },
+            drop=args.drop_method,
+            alpha=args.alpha,
+            grid_prompts=args.grid_prompts,
+            reference=args.reference,
+            gzip_records=args.gzip_records,
         )
     except FiaBenchError as err:
         print(f"fia_bench.report: error: {err}", file=sys.stderr)

@@ -57,7 +57,7 @@ def options(tmp_path: Path, grid: dict) -> list[str]:
     return [
         *("--model", "tiny_random", "--seeds", "1", "--grid", str(path)),
         *("--out-conf", str(tmp_path / "mini"), "--doc", str(tmp_path / "doc.md")),
-        *("--runs", str(tmp_path / "runs")),
+        *("--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports")),
     ]
 
 
@@ -165,6 +165,49 @@ def test_the_sweep_writes_its_best_point_and_preset_mini_applies_it(
     again = (tmp_path / "doc.md").read_text(encoding="utf-8")
     assert again.count("<!-- mini_presets:uce begin") == 1
     assert section(again, "scapre") == section(doc, "scapre")
+
+
+def test_a_sweep_grows_from_its_reports_on_a_machine_that_never_ran_them(
+    script, tmp_path: Path, cache_dir: Path, monkeypatch
+) -> None:
+    """Each method's points go to its report; a rerun on a machine without the runs or their
+    cache scores them from it and runs nothing, a grown grid runs only its new point, and a
+    changed protocol runs every point again and leaves the old ones out of the report."""
+    from fia_bench.report import load_runs
+
+    def methods_in(method: str) -> set[str]:
+        records = load_runs([tmp_path / "reports" / method])[0]
+        return set(records["method"]) - {"none"}
+
+    argv = [*options(tmp_path, TINY_GRID), *TINY_RUN]
+    first = script.run_sweep(argv)
+    for method, sweep in first.items():
+        assert methods_in(method) == {p.label for p in sweep.points}
+    doc = (tmp_path / "doc.md").read_text(encoding="utf-8")
+    packed = (tmp_path / "reports" / "uce" / "records.csv.gz").read_bytes()
+    monkeypatch.setenv("FIA_BENCH_CACHE", str(tmp_path / "new_machine"))
+    shutil.rmtree(tmp_path / "runs")
+    ran: list[list[str]] = []
+    run = fia_bench.run
+    monkeypatch.setattr(fia_bench, "run", lambda o, **kw: ran.append(o) or run(o, **kw))
+    again = script.run_sweep(argv)
+    assert ran == []
+    assert {m: s.points for m, s in again.items()} == {m: s.points for m, s in first.items()}
+    assert (tmp_path / "doc.md").read_text(encoding="utf-8") == doc
+    assert (tmp_path / "reports" / "uce" / "records.csv.gz").read_bytes() == packed
+    grown = {"uce": {"lamb": [0.1], "erase_scale": [1.0, 4.0, 2.0]}}
+    argv = [*options(tmp_path, grown), *TINY_RUN]
+    (sweep,) = script.run_sweep(argv).values()
+    assert [o[-1] for o in ran] == ["method.settings.erase_scale=2.0"]
+    assert methods_in("uce") == {p.label for p in sweep.points} and len(sweep.points) == 4
+    assert sweep.points[:3] == first["uce"].points
+    ran.clear()
+    other = ["n_concepts=1", "sampler.steps=3", *FAST[1:]]
+    assert FAST[0] == "sampler.steps=2"
+    (sweep,) = script.run_sweep([*options(tmp_path, grown), *other]).values()
+    assert len(ran) == 4 and methods_in("uce") == {p.label for p in sweep.points}
+    configs = load_runs([tmp_path / "reports" / "uce"])[3]
+    assert {c["sampler"]["steps"] for c in configs.values()} == {3}
 
 
 def heldout_file(tmp_path: Path, monkeypatch, concepts: list[str] | None) -> None:
