@@ -508,16 +508,17 @@ GRID_TILE, GRID_LABEL_W, GRID_BLOCK_H = 96, 240, 20
 GRID_HEAD_CHARS, GRID_LINE_H, GRID_HEAD_PAD = 15, 12, 12
 
 
-# a report's copies of the images its grid shows, named <image key>.png
-REPORT_IMAGES = "images"
+# a report's copies of the images its grid shows, named <image key>.png; a name no output
+# folder has by chance, since a rewrite removes the PNGs in it that the grid no longer shows
+REPORT_IMAGES = "grid_images"
 
 
 class ImageSources:
-    """Where a report finds an image by its key: the ``images/`` folders of the merged reports
-    among its inputs, then the caches of the runs it merges. A report keeps there the images its
-    grid shows, so that merging it on a machine without the old runs' caches keeps its grid
-    whole, and the same: an image generated again on another thread count may differ from the
-    one shown in a pixel or two."""
+    """Where a report finds an image by its key: the ``grid_images/`` folders of the merged
+    reports among its inputs, then the caches of the runs it merges. A report keeps there the
+    images its grid shows, so that merging it on a machine without the old runs' caches keeps
+    its grid whole and unchanged (an image generated again, on another thread count, may differ
+    from the one shown in a pixel or two)."""
 
     def __init__(self, caches: Iterable[Cache] = (), folders: Iterable[Path] = ()) -> None:
         self.caches, self.folders = list(caches), list(folders)
@@ -593,7 +594,7 @@ def image_grid(
 
 
 def keep_grid_images(folder: Path, shown: dict[str, Path]) -> None:
-    """Copy the images a grid shows into a report's ``images/`` folder, each at most a tile's
+    """Copy the images a grid shows into a report's ``grid_images/`` folder, each at most a tile's
     size (the grid shows no more, and Stable Diffusion's 512 px images would weigh a report
     down), and remove those it no longer shows."""
     from PIL import Image
@@ -836,7 +837,8 @@ def load_runs(
     dirs: list[Path],
 ) -> tuple[pd.DataFrame, pd.DataFrame, ImageSources, dict, dict[str, str]]:
     """Concatenate run directories; rows measured by several runs (the shared reference) must
-    agree exactly and are kept once, and each model must be one build. Also returns where their
+    agree within rounding and are kept once (``one_measurement``), and each model must be one
+    build. Also returns where their
     images are, each run's configuration and model weights. A merged report is a run directory
     too: its rows keep the run they came from (its records' ``run_dir``) and its grid's images,
     so a report grows by merging it with new runs, on a machine that never had the old ones."""

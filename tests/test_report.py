@@ -389,7 +389,7 @@ def test_a_merged_report_grows_by_merging_it_with_new_runs(tmp_path, capsys) -> 
 
 
 def test_a_merged_report_keeps_its_grid_for_a_machine_without_the_caches(tmp_path, capsys) -> None:
-    """A report copies the images its grid shows into images/ (none larger than a tile), so
+    """A report copies the images its grid shows into grid_images/ (none larger than a tile), so
     merging it after its runs and their caches are gone draws the same grid; a tile whose image
     is nowhere, or damaged, stays blank and is counted in one line."""
     import numpy as np
