@@ -94,14 +94,17 @@ class Measured:
     configs: dict[str, dict[str, Any]]
 
     def label_of(self, planned: dict[str, Any], reference: str) -> str | None:
-        """The label of the point the report holds at ``planned``'s settings and protocol."""
+        """The label of the point the report holds at ``planned``'s settings and protocol, all
+        its jobs successful (a failed one may not fail again: it is run)."""
         from fia_bench.report import protocol_keys
 
         for run, config in self.configs.items():
             if config.get("method") == planned["method"] and not protocol_keys(config, planned):
                 labels = set(self.records.loc[self.records["run_dir"] == run, "method"])
                 if len(labels - {reference}) == 1:
-                    return (labels - {reference}).pop()
+                    label = (labels - {reference}).pop()
+                    jobs = self.runs[self.runs["method"] == label]
+                    return label if (jobs["status"] == "ok").all() else None
         return None
 
 
@@ -417,7 +420,13 @@ def write_method_report(
     with tempfile.TemporaryDirectory(prefix="mini_presets_report_") as tmp:
         kept = []
         if measured and from_report:
-            merge([measured.folder], Path(tmp), drop=sorted(gone), reference=reference)
+            merge(
+                [measured.folder],
+                Path(tmp),
+                drop=sorted(gone),
+                grid_prompts=REPORT_GRID_PROMPTS,
+                reference=reference,
+            )
             kept = [Path(tmp)]
         merge(
             [*kept, *new_runs],

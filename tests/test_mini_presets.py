@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import FAST
@@ -195,6 +196,17 @@ def test_a_sweep_grows_from_its_reports_on_a_machine_that_never_ran_them(
     assert {m: s.points for m, s in again.items()} == {m: s.points for m, s in first.items()}
     assert (tmp_path / "doc.md").read_text(encoding="utf-8") == doc
     assert (tmp_path / "reports" / "uce" / "records.csv.gz").read_bytes() == packed
+    # a point whose job failed is run again, and its new rows replace the failed ones
+    jobs_csv = tmp_path / "reports" / "uce" / "runs.csv"
+    jobs = pd.read_csv(jobs_csv, keep_default_na=False)
+    jobs.loc[jobs["method"] == "uce[lamb=0.1]", ["status", "reason"]] = ["failed", "killed"]
+    jobs.to_csv(jobs_csv, index=False)
+    script.run_sweep(argv)
+    assert [o[-2:] for o in ran] == [
+        ["method.settings.lamb=0.1", "method.settings.erase_scale=1.0"]
+    ]
+    assert set(pd.read_csv(jobs_csv)["status"]) == {"ok"}
+    ran.clear()
     grown = {"uce": {"lamb": [0.1], "erase_scale": [1.0, 4.0, 2.0]}}
     argv = [*options(tmp_path, grown), *TINY_RUN]
     (sweep,) = script.run_sweep(argv).values()
