@@ -418,10 +418,10 @@ def write_method_report(
     if not new_runs and not gone:
         return
     with tempfile.TemporaryDirectory(prefix="mini_presets_report_") as tmp:
-        kept = []
-        if measured and from_report:
+        kept = [measured.folder] if measured and from_report else []
+        if kept and gone:  # set aside without them first: a new run may share their label
             merge(
-                [measured.folder],
+                kept,
                 Path(tmp),
                 drop=sorted(gone),
                 grid_prompts=REPORT_GRID_PROMPTS,

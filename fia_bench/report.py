@@ -572,11 +572,8 @@ def image_grid(
                     continue  # the method has no image of this prompt: nothing to show
                 key = keys[(method, n, prompt_id)]
                 found = sources.find(key)
-                try:
-                    if found is None:
-                        raise OSError("not found")
-                    img = Image.open(found).convert("RGB").resize((tile, tile), Image.NEAREST)
-                except (OSError, SyntaxError):  # missing or damaged: its tile stays blank
+                img = grid_tile(found, tile) if found else None
+                if img is None:  # missing or damaged: its tile stays blank
                     blank.append(key)
                     continue
                 grid.paste(img, (GRID_LABEL_W + j * tile, y))
@@ -591,6 +588,17 @@ def image_grid(
             file=sys.stderr,
         )
     return shown
+
+
+def grid_tile(path: Path, tile: int) -> Any:
+    """The image at ``path`` as a ``tile`` × ``tile`` RGB tile, or None if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB").resize((tile, tile), Image.NEAREST)
+    except (OSError, SyntaxError):
+        return None
 
 
 def keep_grid_images(folder: Path, shown: dict[str, Path]) -> None:
